@@ -1,0 +1,97 @@
+"""test.py: classifying pictures with a trained checkpoint or the tutorial's plain state_dict."""
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, assert_clean_error, run_script, write_image_folders
+from model import MyModel
+
+LINE = re.compile(r'^(?P<path>\S+): (?P<name>\w+)(?: \S+)? \((?P<p>[\d.]+)%\)   top 3: (?P<top>.+)$')
+
+
+def predictions(stdout):
+    return {m['path']: m for m in map(LINE.match, stdout.splitlines()) if m}
+
+
+def test_no_arguments_classifies_the_dog_with_the_newest_checkpoint(trained):
+    work, _ = trained
+    (work / 'images').mkdir(exist_ok=True)
+    (work / 'images' / 'dog.png').write_bytes((ROOT / 'images' / 'dog.png').read_bytes())
+    result = run_script('test.py', cwd=work)
+    assert result.stdout.startswith(f'checkpoint: {"model/last.pth"} (10 classes, epoch 2')
+    found = predictions(result.stdout)
+    assert list(found) == ['images/dog.png']
+    top = found['images/dog.png']['top'].split(', ')
+    assert len(top) == 3
+    assert abs(sum(float(t.rsplit(' ', 1)[1].rstrip('%')) for t in top) - 100) < 100  # probabilities
+    assert found['images/dog.png']['name'] in top[0]
+
+
+def test_every_sample_picture_and_a_folder(trained):
+    work, _ = trained
+    result = run_script('test.py', ROOT / 'images', '--checkpoint', work / 'model' / 'best.pth', cwd=work)
+    names = sorted(p.name for p in (ROOT / 'images').iterdir())
+    assert sorted(p.rsplit('/', 1)[1] for p in predictions(result.stdout)) == names
+
+
+def test_plain_tutorial_state_dict_loads_with_cifar_names(tmp_path):
+    torch.manual_seed(0)
+    torch.save(MyModel().state_dict(), tmp_path / 'model_29.pth')
+    result = run_script('test.py', ROOT / 'images' / 'cat.jpg', '--checkpoint', 'model_29.pth', cwd=tmp_path)
+    assert 'checkpoint: model_29.pth (10 classes)' in result.stdout
+    (match,) = predictions(result.stdout).values()
+    assert match['name'] in ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
+                             'ship', 'truck')
+
+
+def test_probabilities_match_the_model(tmp_path):
+    """The printed top-1 probability is the model's own softmax on the 32x32 image."""
+    torch.manual_seed(3)
+    model = MyModel()
+    torch.save(model.state_dict(), tmp_path / 'm.pth')
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / 'grey.png')
+    result = run_script('test.py', 'grey.png', '--checkpoint', 'm.pth', cwd=tmp_path)
+    p = model(torch.full((1, 3, 32, 32), 200 / 255)).softmax(1)[0]
+    (match,) = predictions(result.stdout).values()
+    assert float(match['p']) == pytest.approx(p.max().item() * 100, abs=0.06)
+
+
+@pytest.mark.parametrize('mode', ['RGBA', 'LA', 'L', 'P', 'I;16', 'CMYK', '1'])
+def test_any_image_mode_and_size(mode, trained, tmp_path):
+    work, _ = trained
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    if mode == 'I;16':
+        picture = Image.fromarray((np.asarray(picture.convert('L'), np.uint16) * 257))
+    else:
+        picture = picture.convert(mode)
+    picture.save(tmp_path / 'picture.png' if mode != 'CMYK' else tmp_path / 'picture.jpg')
+    path = next(tmp_path.glob('picture.*'))
+    result = run_script('test.py', path, '--checkpoint', work / 'model' / 'last.pth', cwd=tmp_path)
+    assert len(predictions(result.stdout)) == 1
+
+
+def test_custom_classes_are_named_from_the_checkpoint(tmp_path):
+    data = write_image_folders(tmp_path / 'pets', train=16, test=6)
+    run_script('train.py', '--epochs', 1, '--batch-size', 8, '--data-dir', data, cwd=tmp_path)
+    result = run_script('test.py', data / 'test' / 'dog', '--checkpoint', 'model/best.pth', cwd=tmp_path)
+    names = {m['name'] for m in predictions(result.stdout).values()}
+    assert names and names <= {'cat', 'dog', 'horse'}
+    assert '(3 classes' in result.stdout
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['missing.png'], 'missing.png'),
+    (['--checkpoint', 'nowhere.pth'], 'nowhere.pth not found'),
+])
+def test_missing_files_are_one_line_errors(args, fragment, trained):
+    work, _ = trained
+    result = run_script('test.py', *args, cwd=work, check=False)
+    assert_clean_error(result, fragment)
+
+
+def test_no_checkpoint_yet_says_train_first(tmp_path):
+    result = run_script('test.py', ROOT / 'images' / 'dog.png', cwd=tmp_path, check=False)
+    assert_clean_error(result, 'no checkpoint', 'train')

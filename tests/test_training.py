@@ -1,0 +1,128 @@
+"""The three training scripts, run as subprocesses on small generated data in the real formats."""
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import (CLASSES, SCRIPTS, TRAIN_FLAGS, assert_clean_error, load_weights, run_script,
+                      write_cifar10, write_image_folders)
+
+
+def scalars(run_dir, tag):
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_training_writes_checkpoints_and_tensorboard(script, runs):
+    work, result = runs[script]
+    model_dir = work / 'model'
+    for name in ('model_0.pth', 'model_1.pth'):  # the tutorial's plain state_dicts, epochs from 0
+        state = load_weights(model_dir / name)
+        assert list(state) == [f'model.{i}.{p}' for i in (0, 2, 4, 7, 8) for p in ('weight', 'bias')]
+    for name in ('best.pth', 'last.pth'):
+        bundle = load_weights(model_dir / name)
+        assert bundle['classes'] == CLASSES
+        assert bundle['config']['batch_size'] == 16
+    assert load_weights(model_dir / 'last.pth')['epoch'] == 1
+    assert not list(model_dir.glob('.*.tmp')), 'temporary files left behind'
+
+    run_dir = work / 'logs' / 'run'
+    train_loss = scalars(run_dir, 'train_loss')
+    assert [s for s, _ in train_loss] == list(range(5, 2 * 63 + 1, 5))  # 2 epochs x 63 steps, every 5
+    assert [s for s, _ in scalars(run_dir, 'test_loss')] == [0, 1]
+    accuracy = scalars(run_dir, 'test_accuracy')
+    assert [s for s, _ in accuracy] == [0, 1] and all(0 <= v <= 1 for _, v in accuracy)
+    # a learnable task: the loss falls and the model beats chance (10%) by far
+    assert train_loss[-1][1] < 0.7 * train_loss[0][1], train_loss
+    assert accuracy[-1][1] > 0.6, accuracy
+    assert 'epoch   2/2' in result.stdout and 'best test accuracy' in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='all three must run on the CPU to compare bit for bit')
+def test_same_seed_same_weights_from_all_three_scripts(runs):
+    weights = [load_weights(runs[script][0] / 'model' / 'model_1.pth') for script in SCRIPTS]
+    for other in weights[1:]:
+        assert other.keys() == weights[0].keys()
+        for key in weights[0]:
+            assert torch.equal(weights[0][key], other[key]), key
+
+
+def test_another_seed_gives_other_weights(runs, cifar_dir, tmp_path):
+    run_script('train.py', *TRAIN_FLAGS, '--data-dir', cifar_dir, '--seed', 1, cwd=tmp_path)
+    a = load_weights(runs['train.py'][0] / 'model' / 'model_1.pth')
+    b = load_weights(tmp_path / 'model' / 'model_1.pth')
+    assert not torch.equal(a['model.0.weight'], b['model.0.weight'])
+
+
+def test_image_folder_dataset_with_its_own_classes(tmp_path):
+    data = write_image_folders(tmp_path / 'pets')
+    run_script('train_gpu_2.py', '--epochs', 2, '--batch-size', 8, '--lr', 0.02, '--data-dir', data,
+               '--device', 'cpu', cwd=tmp_path)
+    bundle = load_weights(tmp_path / 'model' / 'best.pth')
+    assert bundle['classes'] == ['cat', 'dog', 'horse']
+    assert bundle['model']['model.8.weight'].shape == (3, 64)
+
+
+def test_dry_run_needs_no_data_and_leaves_nothing_behind(tmp_path):
+    result = run_script('train_gpu_2.py', '--dry-run', '--device', 'cpu', cwd=tmp_path)
+    assert 'dry run OK' in result.stdout
+    assert 'FakeData' in result.stdout
+    assert list(tmp_path.iterdir()) == []  # no model/, logs/ or dataset/ in the working folder
+
+
+def test_each_run_logs_to_its_own_folder(tmp_path):
+    for _ in range(2):
+        run_script('train.py', '--dry-run', '--log-dir', 'logs', cwd=tmp_path)
+    runs = sorted(p.name for p in (tmp_path / 'logs').iterdir())
+    assert len(runs) == 2 and all('train' in name for name in runs)
+    assert all(scalars(tmp_path / 'logs' / name, 'test_accuracy') for name in runs)
+
+
+def test_offline_download_fails_with_one_clear_line(tmp_path):
+    result = run_script('train.py', '--epochs', 1, cwd=tmp_path, check=False)
+    line = assert_clean_error(result, 'cifar-10-python.tar.gz', 'cifar-10-batches-py', '--data-dir')
+    assert 'Offline?' in line
+    assert not (tmp_path / 'dataset' / 'cifar-10-python.tar.gz').exists()  # no partial download left
+
+
+def test_damaged_archive_is_reported(tmp_path):
+    (tmp_path / 'dataset').mkdir()
+    (tmp_path / 'dataset' / 'cifar-10-python.tar.gz').write_bytes(b'not really a tarball')
+    result = run_script('train_gpu_2.py', '--device', 'cpu', cwd=tmp_path, check=False)
+    assert_clean_error(result, 'incomplete or damaged')
+    assert (tmp_path / 'dataset' / 'cifar-10-python.tar.gz').read_bytes() == b'not really a tarball'
+
+
+def test_damaged_extracted_batch_is_reported(tmp_path):
+    data = write_cifar10(tmp_path / 'data', per_batch=10, test=10)
+    batch = data / 'cifar-10-batches-py' / 'data_batch_3'
+    batch.write_bytes(batch.read_bytes()[:100])
+    result = run_script('train.py', '--data-dir', data, cwd=tmp_path, check=False)
+    assert_clean_error(result, 'damaged', 'cifar-10-batches-py')
+
+
+@pytest.mark.parametrize('flag, value', [('--epochs', 0), ('--batch-size', -1), ('--lr', 0), ('--lr', 'fast')])
+def test_bad_numbers_are_refused(flag, value, tmp_path):
+    result = run_script('train.py', flag, value, '--dry-run', cwd=tmp_path, check=False)
+    assert_clean_error(result, flag)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the message shown without CUDA')
+def test_asking_for_cuda_without_cuda_is_a_clear_error(tmp_path):
+    result = run_script('train_gpu_2.py', '--device', 'cuda', '--dry-run', cwd=tmp_path, check=False)
+    assert_clean_error(result, '--device cuda', 'not available')
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU fallback')
+def test_train_gpu_1_says_it_falls_back_to_the_cpu(runs):
+    assert 'training device: cpu (CUDA is not available' in runs['train_gpu_1.py'][1].stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs an NVIDIA GPU')
+@pytest.mark.parametrize('script', ['train_gpu_1.py', 'train_gpu_2.py'])
+def test_gpu_scripts_use_cuda(script, runs):
+    work, result = runs[script]
+    assert 'training device: cuda' in result.stdout
+    state = load_weights(work / 'model' / 'model_1.pth')  # saved on the GPU, read on the CPU
+    assert state['model.0.weight'].device.type == 'cpu'

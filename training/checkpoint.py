@@ -1,0 +1,114 @@
+"""Checkpoints: written atomically, read back with ``torch.load(..., weights_only=True)``.
+
+Files in the checkpoint folder (default ``model/``):
+    model_{i}.pth   after epoch i (from 0), the tutorial's plain ``state_dict``: any old code loads it
+    best.pth        the epoch with the best test accuracy, with class names and the run's settings
+    last.pth        the latest epoch, likewise
+Only tensors, numbers and strings go in, so loading never has to trust a pickle.
+"""
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+from model import MyModel
+
+from .cli import UserError
+from .data import CIFAR10_CLASSES
+
+FORMAT = 'mymodel-checkpoint-v1'
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash or a full disk leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    except OSError as e:
+        raise UserError(f'cannot write to {path.parent}/ ({e.strerror}); choose another --checkpoint-dir') from None
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f'cannot write {path} ({e.strerror}); free some space or choose another '
+                            f'--checkpoint-dir (the previous checkpoints are intact)') from None
+        raise
+
+
+def model_bundle(model, classes, **info) -> dict:
+    """A self-describing checkpoint: weights plus what is needed to use them."""
+    return {'format': FORMAT, 'model': model.state_dict(), 'classes': list(classes), **info}
+
+
+def load_checkpoint(path, device='cpu') -> dict:
+    """Read a checkpoint of this project, or the tutorial's plain state_dict, onto ``device``.
+
+    Returns a dict with at least 'model' (a state_dict) and 'classes' (names, or None if unknown).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'checkpoint {path} not found' + (' (it is a folder)' if path.is_dir() else ''))
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else 'unsupported content'
+        raise UserError(f'refused to load {path}: it holds more than weights (code or objects that '
+                        f'weights_only loading does not allow: {first_line[:120]}); use checkpoints you trust') from None
+    except Exception as e:  # truncated zip, random bytes, an empty file ...
+        raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or damaged?): '
+                        f'{type(e).__name__}') from None
+    if isinstance(obj, dict) and obj.get('format') == FORMAT:
+        return obj
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {'model': obj, 'classes': None}  # the tutorial's plain state_dict
+    raise UserError(f'{path} is not a MyModel checkpoint (expected a state_dict or a checkpoint of this project)')
+
+
+def build_model(state_dict: dict, source='checkpoint') -> MyModel:
+    """A MyModel with the checkpoint's weights; any mismatch is reported by key and shape."""
+    head = state_dict.get('model.8.weight')
+    num_classes = head.shape[0] if isinstance(head, torch.Tensor) and head.dim() == 2 else 10
+    model = MyModel(num_classes)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [f'{k} {list(state_dict[k].shape)} (MyModel: {list(v.shape)})'
+                   for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        parts = [f'{label}: {", ".join(items[:4])}{" ..." if len(items) > 4 else ""}'
+                 for label, items in (('missing keys', missing), ('unexpected keys', unexpected),
+                                      ('shapes differ', wrong_shape)) if items]
+        raise UserError(f'{source} does not fit MyModel ({"; ".join(parts)}): is it from another network?')
+    model.load_state_dict(state_dict)
+    return model
+
+
+def class_names(checkpoint: dict, num_classes: int) -> list:
+    """The checkpoint's class names; a plain 10-class state_dict is taken to be CIFAR-10."""
+    if checkpoint.get('classes'):
+        return list(checkpoint['classes'])
+    if num_classes == len(CIFAR10_CLASSES):
+        return list(CIFAR10_CLASSES)
+    return [f'class {i}' for i in range(num_classes)]
+
+
+def newest_checkpoint(folder) -> Path:
+    """The most recently written .pth file in ``folder``."""
+    folder = Path(folder)
+    candidates = sorted(folder.glob('*.pth'), key=lambda p: (p.stat().st_mtime_ns, p.name)) \
+        if folder.is_dir() else []
+    if not candidates:
+        raise UserError(f'no checkpoint (*.pth) in {folder}/: train first (python train_gpu_2.py) '
+                        f'or pass --checkpoint PATH')
+    return candidates[-1]

@@ -1,0 +1,153 @@
+"""Data: CIFAR-10 (torchvision's own loader), an image folder of your own, or FakeData for --dry-run.
+
+Every image reaches the model as the tutorial's ``ToTensor()`` makes it: float32 3x32x32 in [0, 1].
+The training order is a fresh permutation every epoch, derived from (seed, epoch) alone, so a run
+is reproducible and a resumed run sees exactly the order an uninterrupted one would.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+from torchvision.datasets.utils import download_and_extract_archive
+
+from .cli import UserError
+
+CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer',
+                   'dog', 'frog', 'horse', 'ship', 'truck']
+CHINESE_NAMES = {'airplane': '飞机', 'automobile': '汽车', 'bird': '鸟', 'cat': '猫', 'deer': '鹿',
+                 'dog': '狗', 'frog': '青蛙', 'horse': '马', 'ship': '船', 'truck': '卡车'}
+IMAGE_SIZE = 32  # MyModel's first Linear layer expects 64 x 4 x 4 features, i.e. 32x32 inputs
+
+
+class CIFAR10(torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR10, accepting any extracted ``cifar-10-batches-py/`` in the official format.
+
+    torchvision checks each extracted file against the MD5 of the official release; here only the
+    downloaded archive is checked (by ``download()``), so a copy re-packed in the same format loads too.
+    A damaged file still fails, when it is unpickled.
+    """
+    train_list = [[name, None] for name, _ in torchvision.datasets.CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in torchvision.datasets.CIFAR10.test_list]
+    meta = {**torchvision.datasets.CIFAR10.meta, 'md5': None}
+
+
+@dataclass
+class Data:
+    train: Dataset
+    test: Dataset
+    classes: list
+    source: str  # a human-readable description, printed at start-up
+
+
+def load_data(data_dir, dry_run: bool = False, batch_size: int = 64, seed: int = 0) -> Data:
+    """CIFAR-10 in data_dir (downloaded when missing), or data_dir/train + data_dir/test image folders."""
+    if dry_run:
+        return fake_data(batch_size, seed)
+    root = Path(data_dir)
+    if (root / 'train').is_dir() or (root / 'test').is_dir():
+        return load_image_folders(root)
+    if not root.is_dir() and data_dir != 'dataset':
+        raise UserError(f'--data-dir {data_dir}: no such folder')
+    return load_cifar10(root)
+
+
+def cifar10_offline_help(root: Path) -> str:
+    return (f'put {CIFAR10.filename} (from {CIFAR10.url}) or its extracted {CIFAR10.base_folder}/ '
+            f'folder into {root}/ by hand, or use --data-dir DIR with DIR/train/<class>/ and '
+            f'DIR/test/<class>/ image folders')
+
+
+def load_cifar10(root: Path) -> Data:
+    folder = root / CIFAR10.base_folder
+    files = [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta['filename']]
+    if not all((folder / name).is_file() for name in files):
+        download_cifar10(root)
+    try:
+        train = CIFAR10(str(root), train=True, transform=transforms.ToTensor())
+        test = CIFAR10(str(root), train=False, transform=transforms.ToTensor())
+    except Exception as e:  # unpickling a damaged file can raise almost anything
+        raise UserError(f'{folder}/ is damaged or incomplete ({type(e).__name__}: {e}); delete it and '
+                        f'{cifar10_offline_help(root)}') from None
+    return Data(train, test, list(train.classes), f'CIFAR-10 in {folder}/')
+
+
+def download_cifar10(root: Path) -> None:
+    archive = root / CIFAR10.filename
+    had_archive = archive.is_file()
+    try:
+        download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+    except Exception as e:  # offline, blocked, a proxy page, a damaged archive: all end the same way
+        if not had_archive and archive.exists():
+            archive.unlink()  # a partial download of ours: nothing the user had is lost
+        why = f'{archive} is incomplete or damaged and downloading it again failed' if had_archive \
+            else 'downloading it failed'
+        raise UserError(f'CIFAR-10 is not in {root}/ and {why} ({type(e).__name__}: {e}). '
+                        f'Offline? {cifar10_offline_help(root)}') from None
+
+
+def load_image_folders(root: Path) -> Data:
+    """ROOT/train/<class>/* and ROOT/test/<class>/*: any number of classes, any image size."""
+    for split in ('train', 'test'):
+        if not (root / split).is_dir():
+            raise UserError(f'{root}/ has no {split}/ folder: an image-folder dataset needs '
+                            f'{root}/train/<class>/ and {root}/test/<class>/')
+    transform = transforms.Compose([transforms.Resize((IMAGE_SIZE, IMAGE_SIZE)), transforms.ToTensor()])
+    splits = {}
+    for split in ('train', 'test'):
+        try:
+            splits[split] = torchvision.datasets.ImageFolder(str(root / split), transform=transform)
+        except (FileNotFoundError, OSError) as e:
+            raise UserError(f'{root / split}/: {e}') from None
+    train, test = splits['train'], splits['test']
+    if train.classes != test.classes:
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_test = sorted(set(test.classes) - set(train.classes))
+        raise UserError(f'{root}/train/ and {root}/test/ must hold the same class folders '
+                        f'(only in train: {only_train or "-"}; only in test: {only_test or "-"})')
+    return Data(train, test, list(train.classes), f'image folders in {root}/ ({len(train.classes)} classes)')
+
+
+def fake_data(batch_size: int, seed: int) -> Data:
+    """Random images, four training steps and two test steps: enough to exercise everything."""
+    def make(size, offset):
+        return torchvision.datasets.FakeData(size=size, image_size=(3, IMAGE_SIZE, IMAGE_SIZE),
+                                             num_classes=10, transform=transforms.ToTensor(),
+                                             random_offset=seed * 1_000_003 + offset)
+    return Data(make(4 * batch_size, 0), make(2 * batch_size, 1), list(CIFAR10_CLASSES),
+                'FakeData (random images, --dry-run)')
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of one epoch: a permutation of range(n) that depends on (seed, epoch) only."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+class EpochSampler(Sampler):
+    """Shuffles every epoch (the tutorial never shuffled), in an order fixed by the seed."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(epoch_order(self.n, self.seed, self.epoch).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def make_loaders(data: Data, batch_size: int, seed: int, num_workers: int, pin_memory: bool):
+    """(train_loader, test_loader); call train_loader.sampler.set_epoch(e) before each epoch."""
+    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                  persistent_workers=num_workers > 0,
+                  generator=torch.Generator())  # keeps DataLoader from drawing on the global RNG
+    train = DataLoader(data.train, sampler=EpochSampler(len(data.train), seed), **common)
+    test = DataLoader(data.test, shuffle=False, **common)
+    return train, test
+
