@@ -17,8 +17,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import transforms
 
 from training.checkpoint import build_model, class_names, load_checkpoint, newest_checkpoint
-from training.cli import ArgumentParser, UserError, positive_int, run, select_device
+from training.cli import ArgumentParser, UserError, positive_int, run
 from training.data import CHINESE_NAMES, IMAGE_SIZE
+from training.device import select_device
 
 IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.gif', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm'}
 PREPROCESS = transforms.Compose([transforms.Resize((IMAGE_SIZE, IMAGE_SIZE)), transforms.ToTensor()])

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from model import MyModel
-from training.cli import run, select_device, training_parser
+from training.cli import run, training_parser
 from training.data import load_data
+from training.device import select_device
 from training.run import fit
 
 

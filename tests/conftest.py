@@ -94,7 +94,8 @@ def cifar_dir(tmp_path_factory) -> Path:
     return write_cifar10(tmp_path_factory.mktemp('cifar'))
 
 
-TRAIN_FLAGS = ('--epochs', 2, '--batch-size', 16, '--lr', 0.02, '--log-interval', 5)  # 63 steps an epoch
+TRAIN_FLAGS = ('--epochs', 2, '--batch-size', 16, '--lr', 0.02, '--log-interval', 5,  # 63 steps an epoch
+               '--precision', 'fp32')  # bit-for-bit comparisons are made in fp32
 SCRIPTS = ['train.py', 'train_gpu_1.py', 'train_gpu_2.py']
 
 

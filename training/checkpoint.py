@@ -6,9 +6,7 @@ Files in the checkpoint folder (default ``model/``):
     last.pth        the latest epoch, likewise
 Only tensors, numbers and strings go in, so loading never has to trust a pickle.
 """
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,33 +15,18 @@ from model import MyModel
 
 from .cli import UserError
 from .data import CIFAR10_CLASSES
+from .files import atomic_save
 
 FORMAT = 'mymodel-checkpoint-v1'
 
 
-def atomic_save(obj, path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash or a full disk leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
+def save_checkpoint(obj, path) -> None:
+    """Save atomically; a folder that cannot be written or a full disk is a one-line UserError."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+        atomic_save(obj, path)
     except OSError as e:
-        raise UserError(f'cannot write to {path.parent}/ ({e.strerror}); choose another --checkpoint-dir') from None
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise UserError(f'cannot write {path} ({e.strerror}); free some space or choose another '
-                            f'--checkpoint-dir (the previous checkpoints are intact)') from None
-        raise
+        raise UserError(f'cannot write {path} ({e.strerror or e}); free some space or choose another '
+                        f'--checkpoint-dir (the checkpoints already there are intact)') from None
 
 
 def model_bundle(model, classes, **info) -> dict:

@@ -3,8 +3,6 @@ that turns a problem the user can fix into one clear line on stderr (exit code 2
 import argparse
 import sys
 
-import torch
-
 
 class UserError(Exception):
     """Something the user can fix (a missing file, a bad flag): printed as one line, exit code 2."""
@@ -71,26 +69,23 @@ def training_parser(description: str, epochs: int, device_flag: bool = False) ->
                    help='check the setup: at most 2 epochs of 4 steps on random FakeData; checkpoints and logs '
                         'go to a temporary folder unless --checkpoint-dir / --log-dir are given')
     p.add_argument('--quiet', action='store_true', help='print only the final summary and errors')
+    p.add_argument('--loader', choices=['auto', 'memory', 'stream'], default='auto',
+                   help='memory: decode the data set once into one tensor on the device (fast); stream: a '
+                        'DataLoader reads every image every epoch (for data that does not fit); auto: memory '
+                        'when it takes under a quarter of free memory (default: auto)')
+    p.add_argument('--precision', choices=['auto', 'fp32', 'bf16'], default='auto',
+                   help='bf16 autocast roughly doubles the speed where the hardware does bf16 natively; '
+                        'auto = bf16 there (recent NVIDIA GPUs, CPUs with AVX512-BF16 or AMX), else fp32')
+    p.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True,
+                   help='NHWC memory layout, which the fast convolution kernels want (default: on)')
+    p.add_argument('--cudnn-benchmark', action=argparse.BooleanOptionalAction, default=True,
+                   help='let cuDNN time its convolution algorithms once and keep the fastest (default: on)')
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile the model: faster steps on a GPU after a minute of compiling')
     if device_flag:
         p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto',
                        help='where to train; auto picks cuda, then mps, then cpu (default: auto)')
     return p
-
-
-def select_device(name: str = 'auto') -> torch.device:
-    """'auto' -> cuda if there is an NVIDIA GPU, else mps (Apple GPU), else cpu."""
-    cuda_ok = torch.cuda.is_available()
-    mps_ok = torch.backends.mps.is_available()
-    if name == 'auto':
-        name = 'cuda' if cuda_ok else 'mps' if mps_ok else 'cpu'
-    elif name == 'cuda' and not cuda_ok:
-        raise UserError('--device cuda: CUDA is not available here (no NVIDIA GPU or driver, or a '
-                        'CPU-only PyTorch build); use --device auto or --device cpu')
-    elif name == 'mps' and not mps_ok:
-        raise UserError('--device mps: Apple MPS is not available here; use --device auto or --device cpu')
-    elif name not in ('cpu', 'cuda', 'mps'):
-        raise UserError(f'unknown device {name!r}: use auto, cpu, cuda or mps')
-    return torch.device(name)
 
 
 def run(main) -> None:

@@ -1,15 +1,15 @@
 """Data: CIFAR-10 (torchvision's own loader), an image folder of your own, or FakeData for --dry-run.
 
 Every image reaches the model as the tutorial's ``ToTensor()`` makes it: float32 3x32x32 in [0, 1].
-The training order is a fresh permutation every epoch, derived from (seed, epoch) alone, so a run
-is reproducible and a resumed run sees exactly the order an uninterrupted one would.
+How the images are batched (decoded once into memory, or streamed) is ``batches.py``'s concern.
 """
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset, Sampler
+from PIL import Image
+from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets.utils import download_and_extract_archive
 
@@ -40,6 +40,7 @@ class Data:
     test: Dataset
     classes: list
     source: str  # a human-readable description, printed at start-up
+    cache_dir: Path = None  # where decoded images may be cached (image folders only)
 
 
 def load_data(data_dir, dry_run: bool = False, batch_size: int = 64, seed: int = 0) -> Data:
@@ -98,7 +99,8 @@ def load_image_folders(root: Path) -> Data:
     splits = {}
     for split in ('train', 'test'):
         try:
-            splits[split] = torchvision.datasets.ImageFolder(str(root / split), transform=transform)
+            splits[split] = torchvision.datasets.ImageFolder(str(root / split), transform=transform,
+                                                             loader=read_rgb)
         except (FileNotFoundError, OSError) as e:
             raise UserError(f'{root / split}/: {e}') from None
     train, test = splits['train'], splits['test']
@@ -107,7 +109,17 @@ def load_image_folders(root: Path) -> Data:
         only_test = sorted(set(test.classes) - set(train.classes))
         raise UserError(f'{root}/train/ and {root}/test/ must hold the same class folders '
                         f'(only in train: {only_train or "-"}; only in test: {only_test or "-"})')
-    return Data(train, test, list(train.classes), f'image folders in {root}/ ({len(train.classes)} classes)')
+    return Data(train, test, list(train.classes), f'image folders in {root}/', cache_dir=root / '.cache')
+
+
+def read_rgb(path) -> Image.Image:
+    """ImageFolder's loader, but a file Pillow cannot read is named in a one-line error."""
+    try:
+        with Image.open(path) as image:
+            return image.convert('RGB')
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f'{path}: unreadable image in the data set ({type(e).__name__}: {e}); '
+                        f'fix or remove the file') from None
 
 
 def fake_data(batch_size: int, seed: int) -> Data:
@@ -118,36 +130,3 @@ def fake_data(batch_size: int, seed: int) -> Data:
                                              random_offset=seed * 1_000_003 + offset)
     return Data(make(4 * batch_size, 0), make(2 * batch_size, 1), list(CIFAR10_CLASSES),
                 'FakeData (random images, --dry-run)')
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The training order of one epoch: a permutation of range(n) that depends on (seed, epoch) only."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=generator)
-
-
-class EpochSampler(Sampler):
-    """Shuffles every epoch (the tutorial never shuffled), in an order fixed by the seed."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(epoch_order(self.n, self.seed, self.epoch).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
-def make_loaders(data: Data, batch_size: int, seed: int, num_workers: int, pin_memory: bool):
-    """(train_loader, test_loader); call train_loader.sampler.set_epoch(e) before each epoch."""
-    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                  persistent_workers=num_workers > 0,
-                  generator=torch.Generator())  # keeps DataLoader from drawing on the global RNG
-    train = DataLoader(data.train, sampler=EpochSampler(len(data.train), seed), **common)
-    test = DataLoader(data.test, shuffle=False, **common)
-    return train, test
-

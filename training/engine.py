@@ -19,11 +19,11 @@ class EpochResult:
     images: int
 
 
-def train_one_epoch(model, loss_fn, optimizer, batches, to_device=_identity,
+def train_one_epoch(model, loss_fn, optimizer, batches, to_device=_identity, amp_dtype=None,
                     log_every: int = 100, on_log=None, step: int = 0):
     """Train on every batch once. ``on_log(step, mean_loss)`` is called every ``log_every`` steps,
     ``step`` counting batches across epochs as the tutorial's ``total_train_step`` does.
-    Returns (EpochResult, step)."""
+    ``amp_dtype`` (e.g. torch.bfloat16) runs the forward pass under autocast. Returns (EpochResult, step)."""
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)     # over the epoch
@@ -32,8 +32,9 @@ def train_one_epoch(model, loss_fn, optimizer, batches, to_device=_identity,
     seen = 0
     for images, targets in batches:
         images, targets = to_device(images, targets)
-        outputs = model(images)
-        loss = loss_fn(outputs, targets)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs = model(images)
+            loss = loss_fn(outputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -41,8 +42,7 @@ def train_one_epoch(model, loss_fn, optimizer, batches, to_device=_identity,
         step += 1
         n = targets.shape[0]
         seen += n
-        batch_loss = loss.detach() * n
-        loss_sum += batch_loss
+        loss_sum += loss.detach() * n
         window_sum += loss.detach()
         correct += (outputs.detach().argmax(1) == targets).sum()
         if step % log_every == 0:
@@ -53,7 +53,7 @@ def train_one_epoch(model, loss_fn, optimizer, batches, to_device=_identity,
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, batches, to_device=_identity) -> EpochResult:
+def evaluate(model, loss_fn, batches, to_device=_identity, amp_dtype=None) -> EpochResult:
     """Mean loss per image and accuracy over ``batches`` (the tutorial summed per-batch means)."""
     model.eval()
     device = next(model.parameters()).device
@@ -62,9 +62,11 @@ def evaluate(model, loss_fn, batches, to_device=_identity) -> EpochResult:
     seen = 0
     for images, targets in batches:
         images, targets = to_device(images, targets)
-        outputs = model(images)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs = model(images)
+            loss = loss_fn(outputs, targets)
         n = targets.shape[0]
         seen += n
-        loss_sum += loss_fn(outputs, targets) * n
+        loss_sum += loss.float() * n
         correct += (outputs.argmax(1) == targets).sum()
     return EpochResult(loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), seen)

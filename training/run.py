@@ -10,8 +10,10 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from .checkpoint import atomic_save, model_bundle
-from .data import Data, make_loaders
+from .batches import make_batches
+from .checkpoint import model_bundle, save_checkpoint
+from .data import Data
+from .device import autocast_dtype
 from .engine import evaluate, train_one_epoch
 
 
@@ -30,6 +32,16 @@ def config_of(args) -> dict:
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
+def speed_up(model, args, device: torch.device):
+    """The device's fast paths, each switched by a flag. Returns (the module to call, autocast dtype)."""
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    amp_dtype = autocast_dtype(args.precision, device)
+    return (torch.compile(model) if args.compile else model), amp_dtype
+
+
 def fit(model, loss_fn, data: Data, args, device: torch.device, to_device=None) -> dict:
     """Train ``model`` for ``args.epochs`` epochs, testing, logging and saving after each one."""
     to_device = to_device or (lambda images, targets: (images, targets))
@@ -43,42 +55,43 @@ def fit(model, loss_fn, data: Data, args, device: torch.device, to_device=None) 
         checkpoint_dir = Path(args.checkpoint_dir or 'model')
         run_dir = open_run_dir(Path(args.log_dir or 'logs'), args.run_name)
 
-        train_loader, test_loader = make_loaders(data, args.batch_size, args.seed, args.num_workers,
-                                                 pin_memory=device.type == 'cuda')
+        net, amp_dtype = speed_up(model, args, device)
+        train_batches, test_batches = make_batches(data, args, device, say)
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
         say(f'data: {data.source}: {len(data.train)} training and {len(data.test)} test images, '
-            f'{len(data.classes)} classes')
-        say(f'{args.epochs} epochs of {len(train_loader)} steps (batch {args.batch_size}, lr {args.lr}, '
-            f'seed {args.seed}); TensorBoard: {run_dir}/; checkpoints: {checkpoint_dir}/')
+            f'{len(data.classes)} classes, {type(train_batches).__name__}')
+        say(f'{args.epochs} epochs of {len(train_batches)} steps (batch {args.batch_size}, lr {args.lr}, '
+            f'seed {args.seed}, {"bf16 autocast" if amp_dtype else "fp32"}'
+            f'{", channels_last" if args.channels_last else ""}{", compiled" if args.compile else ""})')
+        say(f'TensorBoard: {run_dir}/  checkpoints: {checkpoint_dir}/')
 
         writer = stack.enter_context(SummaryWriter(str(run_dir)))  # closed (and flushed) on exit
         best_accuracy, best_epoch, step, start = -1.0, -1, 0, time.perf_counter()
-        interactive = sys.stderr.isatty() and not args.quiet
         for epoch in range(args.epochs):
             epoch_start = time.perf_counter()
-            train_loader.sampler.set_epoch(epoch)
-            bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{args.epochs}', leave=False,
-                       disable=not interactive, unit='step', dynamic_ncols=True)
+            train_batches.set_epoch(epoch)
+            bar = tqdm(train_batches, desc=f'epoch {epoch + 1}/{args.epochs}', leave=False, unit='step',
+                       disable=args.quiet or not sys.stderr.isatty(), dynamic_ncols=True)
 
             def log_train_loss(at_step, loss):
                 writer.add_scalar('train_loss', loss, at_step)
                 bar.set_postfix(loss=f'{loss:.3f}', refresh=False)
 
-            train, step = train_one_epoch(model, loss_fn, optimizer, bar, to_device,
+            train, step = train_one_epoch(net, loss_fn, optimizer, bar, to_device, amp_dtype,
                                           args.log_interval, log_train_loss, step)
             bar.close()
-            test = evaluate(model, loss_fn, test_loader, to_device)
+            test = evaluate(net, loss_fn, test_batches, to_device, amp_dtype)
             writer.add_scalar('test_loss', test.loss, epoch)
             writer.add_scalar('test_accuracy', test.accuracy, epoch)
             writer.flush()  # so a TensorBoard that is watching sees each epoch as it ends
 
-            config = config_of(args)
-            atomic_save(model.state_dict(), checkpoint_dir / f'model_{epoch}.pth')
-            info = dict(epoch=epoch, step=step, test_accuracy=test.accuracy, test_loss=test.loss, config=config)
+            save_checkpoint(model.state_dict(), checkpoint_dir / f'model_{epoch}.pth')
+            bundle = model_bundle(model, data.classes, epoch=epoch, step=step, test_accuracy=test.accuracy,
+                                  test_loss=test.loss, config=config_of(args))
             if test.accuracy > best_accuracy:
                 best_accuracy, best_epoch = test.accuracy, epoch
-                atomic_save(model_bundle(model, data.classes, **info), checkpoint_dir / 'best.pth')
-            atomic_save(model_bundle(model, data.classes, **info), checkpoint_dir / 'last.pth')
+                save_checkpoint(bundle, checkpoint_dir / 'best.pth')
+            save_checkpoint(bundle, checkpoint_dir / 'last.pth')
             say(f'epoch {epoch + 1:>3}/{args.epochs}  train loss {train.loss:.4f}  acc {train.accuracy:6.2%}  '
                 f'| test loss {test.loss:.4f}  acc {test.accuracy:6.2%}  '
                 f'| {time.perf_counter() - epoch_start:5.1f}s  -> {checkpoint_dir / f"model_{epoch}.pth"}')

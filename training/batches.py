@@ -1,0 +1,177 @@
+"""Batches for the training and test loops, made in one of two ways that yield the same tensors in
+the same order:
+
+- ``memory`` (whenever the data set fits): every image is decoded once into one uint8 tensor that
+  lives on the training device (on a GPU, in GPU memory). A batch is a gather by index plus one
+  ``.float().div_(255)`` -- exactly the arithmetic of ``ToTensor()`` -- with no per-image Python.
+- ``stream``: the tutorial's DataLoader with ``ToTensor()``, worker processes and pinned memory,
+  for data sets too large to hold.
+
+The training order is a fresh permutation every epoch, derived from (seed, epoch) alone, so a run
+is reproducible and a resumed run sees exactly the order an uninterrupted one would.
+"""
+import hashlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Sampler
+
+from .data import IMAGE_SIZE, Data
+from .files import atomic_save
+
+BYTES_PER_IMAGE = 3 * IMAGE_SIZE * IMAGE_SIZE
+CACHE_VERSION = 1
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of one epoch: a permutation of range(n) that depends on (seed, epoch) only."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+def as_model_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+class TensorBatches:
+    """Batches gathered from a whole data set held as uint8 images (N x 32 x 32 x 3) on ``device``."""
+
+    def __init__(self, images, labels, batch_size: int, device, shuffle_seed=None, channels_last=True):
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch_size, self.seed, self.channels_last, self.epoch = batch_size, shuffle_seed, channels_last, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = None if self.seed is None else epoch_order(n, self.seed, self.epoch).to(self.images.device)
+        for start in range(0, n, self.batch_size):
+            index = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
+            images = self.images[index].permute(0, 3, 1, 2).float().div_(255)  # == ToTensor(), bit for bit
+            yield as_model_input(images, self.channels_last), self.labels[index]
+
+
+class EpochSampler(Sampler):
+    """The same per-epoch order for the DataLoader path."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __iter__(self):
+        return iter(epoch_order(self.n, self.seed, self.epoch).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class StreamBatches:
+    """The tutorial's DataLoader (``ToTensor()`` per image), shuffled by ``EpochSampler`` when training."""
+
+    def __init__(self, dataset, batch_size: int, num_workers: int, pin_memory: bool,
+                 shuffle_seed=None, channels_last=True):
+        self.sampler = None if shuffle_seed is None else EpochSampler(len(dataset), shuffle_seed)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+                                 pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                                 generator=torch.Generator())  # keeps DataLoader off the global RNG
+        self.channels_last = channels_last
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.sampler is not None:
+            self.sampler.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield as_model_input(images, self.channels_last), labels
+
+
+def decode(dataset, threads: int) -> tuple:
+    """All of ``dataset`` as (uint8 N x 32 x 32 x 3 images, int64 labels), exactly the values its
+    ``ToTensor()`` transform gives (times 255)."""
+    if isinstance(dataset, torchvision.datasets.CIFAR10):  # already decoded by torchvision: no copy
+        return torch.from_numpy(dataset.data), torch.tensor(dataset.targets)
+    images = torch.empty(len(dataset), IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8)
+    labels = torch.empty(len(dataset), dtype=torch.long)
+
+    def decode_one(i):
+        image, labels[i] = dataset[i]
+        images[i] = image.mul(255).round_().permute(1, 2, 0)  # float i/255 -> i, exactly
+
+    with ThreadPoolExecutor(threads) as pool:  # Pillow decodes with the GIL released
+        for _ in pool.map(decode_one, range(len(dataset))):
+            pass
+    return images, labels
+
+
+def cache_key(dataset) -> str:
+    """Changes whenever a file is added, removed, renamed, relabelled or rewritten."""
+    digest = hashlib.sha256(f'v{CACHE_VERSION} {IMAGE_SIZE}'.encode())
+    for path, label in dataset.samples:
+        stat = os.stat(path)
+        digest.update(f'{path}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n'.encode())
+    return digest.hexdigest()[:20]
+
+
+def decode_cached(dataset, cache_dir, split: str, threads: int, say=print) -> tuple:
+    """decode(), keeping the result in cache_dir so the next run starts fast (image folders only)."""
+    if cache_dir is None or not hasattr(dataset, 'samples'):
+        return decode(dataset, threads)
+    path = Path(cache_dir) / f'{split}-{cache_key(dataset)}.pt'
+    if path.is_file():
+        try:
+            cached = torch.load(path, weights_only=True)
+            if cached['images'].shape == (len(dataset), IMAGE_SIZE, IMAGE_SIZE, 3):
+                return cached['images'], cached['labels']
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            pass
+    start = time.perf_counter()
+    images, labels = decode(dataset, threads)
+    try:
+        atomic_save({'images': images, 'labels': labels}, path)
+        for stale in Path(cache_dir).glob(f'{split}-*.pt'):
+            if stale != path:
+                stale.unlink(missing_ok=True)
+        where = f'cached in {path}'
+    except OSError as e:
+        where = f'not cached: {cache_dir} is not writable ({e.strerror or e})'
+    say(f'decoded {len(labels)} {split} images in {time.perf_counter() - start:.1f}s ({where})')
+    return images, labels
+
+
+def fits_in_memory(data: Data, device: torch.device) -> bool:
+    """True when the decoded data set takes under a quarter of the device's free memory."""
+    needed = (len(data.train) + len(data.test)) * BYTES_PER_IMAGE
+    if device.type == 'cuda':
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+        except (ValueError, OSError, AttributeError):  # not on Linux: assume a few GB
+            free = 4 << 30
+    return needed < free // 4
+
+
+def make_batches(data: Data, args, device: torch.device, say=print) -> tuple:
+    """(train batches, test batches) in the way ``args.loader`` asks: auto, memory or stream."""
+    mode = args.loader
+    if mode == 'auto':
+        mode = 'memory' if fits_in_memory(data, device) else 'stream'
+    if mode == 'memory':
+        threads = max(1, min(8, os.cpu_count() or 1))
+        train = decode_cached(data.train, data.cache_dir, 'train', threads, say)
+        test = decode_cached(data.test, data.cache_dir, 'test', threads, say)
+        return (TensorBatches(*train, args.batch_size, device, args.seed, args.channels_last),
+                TensorBatches(*test, args.batch_size, device, None, args.channels_last))
+    pin = device.type == 'cuda'
+    return (StreamBatches(data.train, args.batch_size, args.num_workers, pin, args.seed, args.channels_last),
+            StreamBatches(data.test, args.batch_size, args.num_workers, pin, None, args.channels_last))
