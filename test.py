@@ -100,7 +100,7 @@ def main(argv=None):
     model = build_model(checkpoint['model'], source=str(checkpoint_path)).to(device)
     classes = class_names(checkpoint, model.model[-1].out_features)
     about = f', epoch {checkpoint["epoch"] + 1}, test accuracy {checkpoint["test_accuracy"]:.1%}' \
-        if 'epoch' in checkpoint else ''
+        if checkpoint.get('test_accuracy') is not None else ''
     print(f'checkpoint: {checkpoint_path} ({len(classes)} classes{about}); device: {device}')
 
     images = torch.stack([load_image(p) for p in paths]).to(device)

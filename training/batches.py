@@ -42,10 +42,12 @@ class TensorBatches:
 
     def __init__(self, images, labels, batch_size: int, device, shuffle_seed=None, channels_last=True):
         self.images, self.labels = images.to(device), labels.to(device)
-        self.batch_size, self.seed, self.channels_last, self.epoch = batch_size, shuffle_seed, channels_last, 0
+        self.batch_size, self.seed, self.channels_last = batch_size, shuffle_seed, channels_last
+        self.epoch = self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Next iteration: epoch ``epoch``'s order, starting after its first ``skip`` batches (resuming)."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
@@ -53,7 +55,7 @@ class TensorBatches:
     def __iter__(self):
         n = len(self.labels)
         order = None if self.seed is None else epoch_order(n, self.seed, self.epoch).to(self.images.device)
-        for start in range(0, n, self.batch_size):
+        for start in range(self.skip * self.batch_size, n, self.batch_size):
             index = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
             images = self.images[index].permute(0, 3, 1, 2).float().div_(255)  # == ToTensor(), bit for bit
             yield as_model_input(images, self.channels_last), self.labels[index]
@@ -62,14 +64,14 @@ class TensorBatches:
 class EpochSampler(Sampler):
     """The same per-epoch order for the DataLoader path."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, batch_size: int):
+        self.n, self.seed, self.batch_size, self.epoch, self.skip = n, seed, batch_size, 0, 0
 
     def __iter__(self):
-        return iter(epoch_order(self.n, self.seed, self.epoch).tolist())
+        return iter(epoch_order(self.n, self.seed, self.epoch)[self.skip * self.batch_size:].tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return max(self.n - self.skip * self.batch_size, 0)
 
 
 class StreamBatches:
@@ -77,15 +79,15 @@ class StreamBatches:
 
     def __init__(self, dataset, batch_size: int, num_workers: int, pin_memory: bool,
                  shuffle_seed=None, channels_last=True):
-        self.sampler = None if shuffle_seed is None else EpochSampler(len(dataset), shuffle_seed)
+        self.sampler = None if shuffle_seed is None else EpochSampler(len(dataset), shuffle_seed, batch_size)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
                                  pin_memory=pin_memory, persistent_workers=num_workers > 0,
                                  generator=torch.Generator())  # keeps DataLoader off the global RNG
         self.channels_last = channels_last
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
         if self.sampler is not None:
-            self.sampler.epoch = epoch
+            self.sampler.epoch, self.sampler.skip = epoch, skip
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -107,6 +109,8 @@ def decode(dataset, threads: int) -> tuple:
         image, labels[i] = dataset[i]
         images[i] = image.mul(255).round_().permute(1, 2, 0)  # float i/255 -> i, exactly
 
+    if not hasattr(dataset, 'samples'):  # not files (FakeData seeds the global RNG per image): no threads
+        threads = 1
     with ThreadPoolExecutor(threads) as pool:  # Pillow decodes with the GIL released
         for _ in pool.map(decode_one, range(len(dataset))):
             pass

@@ -6,7 +6,9 @@ Files in the checkpoint folder (default ``model/``):
     last.pth        the latest epoch, likewise
 Only tensors, numbers and strings go in, so loading never has to trust a pickle.
 """
+import os
 import pickle
+import tempfile
 from pathlib import Path
 
 import torch
@@ -58,21 +60,26 @@ def load_checkpoint(path, device='cpu') -> dict:
     raise UserError(f'{path} is not a MyModel checkpoint (expected a state_dict or a checkpoint of this project)')
 
 
-def build_model(state_dict: dict, source='checkpoint') -> MyModel:
-    """A MyModel with the checkpoint's weights; any mismatch is reported by key and shape."""
-    head = state_dict.get('model.8.weight')
-    num_classes = head.shape[0] if isinstance(head, torch.Tensor) and head.dim() == 2 else 10
-    model = MyModel(num_classes)
+def mismatch(model, state_dict: dict):
+    """None if ``state_dict`` fits ``model``, else which keys are missing or unexpected and which shapes differ."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [f'{k} {list(state_dict[k].shape)} (MyModel: {list(v.shape)})'
+    wrong_shape = [f'{k} {list(state_dict[k].shape)} vs {list(v.shape)}'
                    for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or wrong_shape:
-        parts = [f'{label}: {", ".join(items[:4])}{" ..." if len(items) > 4 else ""}'
-                 for label, items in (('missing keys', missing), ('unexpected keys', unexpected),
-                                      ('shapes differ', wrong_shape)) if items]
-        raise UserError(f'{source} does not fit MyModel ({"; ".join(parts)}): is it from another network?')
+    parts = [f'{label}: {", ".join(items[:4])}{" ..." if len(items) > 4 else ""}'
+             for label, items in (('missing keys', missing), ('unexpected keys', unexpected),
+                                  ('shapes differ (checkpoint vs model)', wrong_shape)) if items]
+    return '; '.join(parts) or None
+
+
+def build_model(state_dict: dict, source='checkpoint') -> MyModel:
+    """A MyModel with the checkpoint's weights and number of classes; a mismatch names keys and shapes."""
+    head = state_dict.get('model.8.weight')
+    model = MyModel(head.shape[0] if isinstance(head, torch.Tensor) and head.dim() == 2 else 10)
+    problem = mismatch(model, state_dict)
+    if problem:
+        raise UserError(f'{source} does not fit MyModel ({problem}): is it from another network?')
     model.load_state_dict(state_dict)
     return model
 
@@ -84,6 +91,63 @@ def class_names(checkpoint: dict, num_classes: int) -> list:
     if num_classes == len(CIFAR10_CLASSES):
         return list(CIFAR10_CLASSES)
     return [f'class {i}' for i in range(num_classes)]
+
+
+def training_state(model, classes, optimizer, config: dict, run_dir, step: int, next_epoch: int,
+                   best: dict, last_test: dict, meter_state=None) -> dict:
+    """last.pth: the weights and everything needed to continue exactly where training stopped.
+
+    ``next_epoch`` is the epoch to continue with; ``meter_state`` is set when it is already under way.
+    The data order needs no saving: it is a function of (seed, epoch)."""
+    rng = {'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng['cuda'] = torch.cuda.get_rng_state_all()
+    return model_bundle(model, classes, **last_test, step=step, config=config, optimizer=optimizer.state_dict(),
+                        best=best, run_dir=str(run_dir), rng=rng,
+                        resume={'epoch': next_epoch, 'meter': meter_state})
+
+
+def load_training_state(resume: str, checkpoint_dir: Path, device) -> tuple:
+    """(path, checkpoint) for --resume: 'latest' means checkpoint_dir/last.pth."""
+    path = checkpoint_dir / 'last.pth' if resume == 'latest' else Path(resume)
+    if resume == 'latest' and not path.is_file():
+        raise UserError(f'--resume: nothing to resume, there is no {path} (start without --resume, or '
+                        f'give --checkpoint-dir or --resume PATH)')
+    checkpoint = load_checkpoint(path, device)
+    if 'resume' not in checkpoint:
+        raise UserError(f'--resume {path}: it holds weights only, no training state; resume from a '
+                        f'last.pth written by the training scripts')
+    return path, checkpoint
+
+
+def restore(checkpoint: dict, model, optimizer, classes, source) -> None:
+    """Put a training state back into model, optimizer and the random number generators."""
+    if list(checkpoint['classes']) != list(classes):
+        raise UserError(f'{source} was trained on other classes ({", ".join(checkpoint["classes"][:5])} ...) '
+                        f'than this data set ({", ".join(classes[:5])} ...): check --data-dir')
+    problem = mismatch(model, checkpoint['model'])
+    if problem:
+        raise UserError(f'{source} does not fit this model ({problem})')
+    model.load_state_dict(checkpoint['model'])
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    torch.set_rng_state(checkpoint['rng']['torch'])
+    if 'cuda' in checkpoint['rng'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(checkpoint['rng']['cuda'])
+
+
+def prepare_checkpoint_dir(folder: Path) -> None:
+    """Fail before training, not after the first epoch, if checkpoints cannot be written; remove the
+    temporary files a killed run may have left."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix='.write-test-')
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f'cannot write checkpoints to {folder}/ ({e.strerror or e}); '
+                        f'choose another --checkpoint-dir') from None
+    for stale in folder.glob('.*.pth.*.tmp'):
+        stale.unlink(missing_ok=True)
 
 
 def newest_checkpoint(folder) -> Path:

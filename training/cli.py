@@ -65,6 +65,9 @@ def training_parser(description: str, epochs: int, device_flag: bool = False) ->
                    help='DataLoader worker processes for decoding images (default: 0, the main process)')
     p.add_argument('--log-interval', type=positive_int, default=100,
                    help='log the mean train loss every this many steps (default: 100)')
+    p.add_argument('--resume', nargs='?', const='latest', metavar='PATH',
+                   help='continue an interrupted run from --checkpoint-dir/last.pth, or from PATH, with its '
+                        'settings; --epochs is the total to reach')
     p.add_argument('--dry-run', '--fake-data', action='store_true',
                    help='check the setup: at most 2 epochs of 4 steps on random FakeData; checkpoints and logs '
                         'go to a temporary folder unless --checkpoint-dir / --log-dir are given')
@@ -93,5 +96,11 @@ def run(main) -> None:
     try:
         main()
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
+        message = str(e)
+        if 'Original Traceback' in message:  # raised in a DataLoader worker: keep the error's own line
+            message = message.strip().splitlines()[-1].split('UserError: ', 1)[-1]
+        print(f'error: {message}', file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl+C, or one outside training: stop at once
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)

@@ -3,6 +3,7 @@
 Loss sums and correct counts stay on the device: ``.item()`` makes the CPU wait for the GPU, so it
 is called only when something is logged, not at every step as in the tutorial.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,20 +20,49 @@ class EpochResult:
     images: int
 
 
+class Diverged(ArithmeticError):
+    """The training loss became NaN or infinite: the weights are ruined from here on."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f'loss became {loss} at step {step}')
+        self.step, self.loss = step, loss
+
+
+class Meter:
+    """Running sums over one pass, kept on the device. Saved in a mid-epoch checkpoint, so that a
+    resumed epoch reports (and logs) exactly what an uninterrupted one would."""
+
+    def __init__(self, device, state: dict = None):
+        state = state or {}
+        self.loss_sum = torch.as_tensor(state.get('loss_sum', 0.0), dtype=torch.float32, device=device)
+        self.window_sum = torch.as_tensor(state.get('window_sum', 0.0), dtype=torch.float32, device=device)
+        self.correct = torch.as_tensor(state.get('correct', 0), dtype=torch.long, device=device)
+        self.seen, self.batches = state.get('seen', 0), state.get('batches', 0)
+
+    def state_dict(self) -> dict:
+        return {'loss_sum': self.loss_sum.item(), 'window_sum': self.window_sum.item(),
+                'correct': self.correct.item(), 'seen': self.seen, 'batches': self.batches}
+
+    def result(self) -> EpochResult:
+        seen = max(self.seen, 1)
+        return EpochResult(self.loss_sum.item() / seen, self.correct.item() / seen, self.seen)
+
+
 def train_one_epoch(model, loss_fn, optimizer, batches, to_device=_identity, amp_dtype=None,
-                    log_every: int = 100, on_log=None, step: int = 0):
-    """Train on every batch once. ``on_log(step, mean_loss)`` is called every ``log_every`` steps,
-    ``step`` counting batches across epochs as the tutorial's ``total_train_step`` does.
-    ``amp_dtype`` (e.g. torch.bfloat16) runs the forward pass under autocast. Returns (EpochResult, step)."""
+                    log_every: int = 100, on_log=None, step: int = 0, meter: Meter = None,
+                    should_stop=None):
+    """Train on every batch once (or until ``should_stop()`` says so, checked after each step).
+
+    ``step`` counts batches across epochs, like the tutorial's ``total_train_step``; every ``log_every``
+    steps the mean loss since the last log goes to ``on_log(step, loss)`` -- the one CPU-GPU sync --
+    and a NaN or infinite loss raises Diverged. ``amp_dtype`` (e.g. torch.bfloat16) runs the forward
+    pass under autocast. Returns (meter, step); ``meter.result()`` gives the epoch's EpochResult."""
     model.train()
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)     # over the epoch
-    window_sum = torch.zeros((), device=device)   # since the last log
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
+    meter = meter or Meter(next(model.parameters()).device)
+    device_type = meter.loss_sum.device.type
     for images, targets in batches:
         images, targets = to_device(images, targets)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(images)
             loss = loss_fn(outputs, targets)
         optimizer.zero_grad(set_to_none=True)
@@ -40,33 +70,34 @@ def train_one_epoch(model, loss_fn, optimizer, batches, to_device=_identity, amp
         optimizer.step()
 
         step += 1
-        n = targets.shape[0]
-        seen += n
-        loss_sum += loss.detach() * n
-        window_sum += loss.detach()
-        correct += (outputs.detach().argmax(1) == targets).sum()
+        meter.batches += 1
+        meter.seen += targets.shape[0]
+        meter.loss_sum += loss.detach() * targets.shape[0]
+        meter.window_sum += loss.detach()
+        meter.correct += (outputs.detach().argmax(1) == targets).sum()
         if step % log_every == 0:
+            window_loss = meter.window_sum.item() / log_every
+            if not math.isfinite(window_loss):
+                raise Diverged(step, window_loss)
             if on_log is not None:
-                on_log(step, window_sum.item() / log_every)  # the one sync, every log_every steps
-            window_sum.zero_()
-    return EpochResult(loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), seen), step
+                on_log(step, window_loss)
+            meter.window_sum.zero_()
+        if should_stop is not None and should_stop():
+            break
+    return meter, step
 
 
 @torch.no_grad()
 def evaluate(model, loss_fn, batches, to_device=_identity, amp_dtype=None) -> EpochResult:
     """Mean loss per image and accuracy over ``batches`` (the tutorial summed per-batch means)."""
     model.eval()
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
+    meter = Meter(next(model.parameters()).device)
     for images, targets in batches:
         images, targets = to_device(images, targets)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(meter.loss_sum.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(images)
             loss = loss_fn(outputs, targets)
-        n = targets.shape[0]
-        seen += n
-        loss_sum += loss.float() * n
-        correct += (outputs.argmax(1) == targets).sum()
-    return EpochResult(loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), seen)
+        meter.seen += targets.shape[0]
+        meter.loss_sum += loss.float() * targets.shape[0]
+        meter.correct += (outputs.argmax(1) == targets).sum()
+    return meter.result()

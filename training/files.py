@@ -1,4 +1,5 @@
 """Writing files so that a crash, a kill or a full disk never leaves half of one behind."""
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -13,11 +14,13 @@ def atomic_save(obj, path) -> None:
     temporary file removed) when the folder cannot be written or the disk is full.
     """
     path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # serialise first, so that a failed write is a plain OSError
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
