@@ -132,7 +132,7 @@ def project(data, device, steps, warmup, batch_size):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument('--data-dir', help='CIFAR-10 or image folders (default: 12,800 generated CIFAR-10 images)')
+    p.add_argument('--data-dir', help='CIFAR-10 or image folders (default: 20,000 generated CIFAR-10 images)')
     p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto')
     p.add_argument('--batch-size', type=positive_int, default=64)
     p.add_argument('--steps', type=positive_int, default=150, help='timed training steps (default: 150)')
@@ -143,7 +143,7 @@ def main(argv=None):
     device = select_device(args.device)
     with tempfile.TemporaryDirectory() as scratch:
         if args.data_dir is None:
-            args.data_dir = str(write_cifar10(Path(scratch), per_batch=2560, test=2560))
+            args.data_dir = str(write_cifar10(Path(scratch), per_batch=4000, test=2560))
         needed = (args.steps + args.warmup) * args.batch_size
         samples = {'tutorial': [], 'project': []}
         for _ in range(args.rounds):  # interleaved, so both loops see the same machine conditions

@@ -2,12 +2,15 @@
 
     python test.py                                   # images/dog.png with the newest checkpoint in model/
     python test.py images/cat.jpg my_photos/ --checkpoint model/best.pth --top-k 5
+    python test.py --eval --checkpoint model/best.pth   # per-class accuracy, confusion matrix, mistakes
+    python test.py --json                            # machine-readable, for any of the above
 
 Any size or format Pillow reads (PNG, JPEG, GIF, WebP, BMP, TIFF ...) is shrunk to 32x32 as CIFAR-10
 images are. Checkpoints load with map_location (a GPU-trained model works on a CPU-only machine)
 and weights_only=True (a checkpoint can never run code). A folder argument means every image in it.
 """
 import argparse
+import json
 import warnings
 from pathlib import Path
 
@@ -18,8 +21,9 @@ from torchvision import transforms
 
 from training.checkpoint import build_model, class_names, load_checkpoint, newest_checkpoint
 from training.cli import ArgumentParser, UserError, positive_int, run
-from training.data import CHINESE_NAMES, IMAGE_SIZE
+from training.data import CHINESE_NAMES, IMAGE_SIZE, load_data
 from training.device import select_device
+from training.report import evaluation_report, format_report
 
 IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.gif', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm'}
 PREPROCESS = transforms.Compose([transforms.Resize((IMAGE_SIZE, IMAGE_SIZE)), transforms.ToTensor()])
@@ -82,35 +86,58 @@ def display_name(name: str) -> str:
     return f'{name} {CHINESE_NAMES[name]}' if name in CHINESE_NAMES else name
 
 
+def classify(model, classes, paths, device, top_k: int) -> list:
+    """[{'image', 'top': [{'class', 'chinese', 'probability'}, ...]}] for each image, best guess first."""
+    images = torch.stack([load_image(p) for p in paths]).to(device)
+    model.eval()
+    with torch.no_grad():
+        probabilities = model(images).float().softmax(dim=1).cpu()
+    top_p, top_i = probabilities.topk(min(top_k, len(classes)), dim=1)
+    return [{'image': str(path), 'top': [{'class': classes[i], 'chinese': CHINESE_NAMES.get(classes[i]), 'probability': p}
+                                         for p, i in zip(ps, idx)]}
+            for path, ps, idx in zip(paths, top_p.tolist(), top_i.tolist())]
+
+
 def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('images', nargs='*', default=['images/dog.png'],
-                        help='image files or folders (default: images/dog.png)')
+    parser.add_argument('images', nargs='*', help='image files or folders (default: images/dog.png)')
     parser.add_argument('--checkpoint', help='a .pth file (default: the newest one in --checkpoint-dir)')
     parser.add_argument('--checkpoint-dir', default='model', help='where to look for checkpoints (default: model)')
     parser.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto',
                         help='auto picks cuda, then mps, then cpu (default: auto)')
     parser.add_argument('--top-k', type=positive_int, default=3, help='how many guesses to show (default: 3)')
+    parser.add_argument('--eval', action='store_true',
+                        help='instead of images: accuracy per class, confusion matrix and the most confident '
+                             'mistakes on the test split of --data-dir')
+    parser.add_argument('--data-dir', default='dataset', help='data set for --eval, as for training (default: dataset)')
+    parser.add_argument('--json', action='store_true', help='print one JSON document instead of text')
     args = parser.parse_args(argv)
+    if args.eval and args.images:
+        parser.error('--eval evaluates the test split: give no image arguments with it')
 
     device = select_device(args.device)
-    paths = image_paths(args.images)
+    paths = [] if args.eval else image_paths(args.images or ['images/dog.png'])
     checkpoint_path = Path(args.checkpoint) if args.checkpoint else newest_checkpoint(args.checkpoint_dir)
     checkpoint = load_checkpoint(checkpoint_path, device)
     model = build_model(checkpoint['model'], source=str(checkpoint_path)).to(device)
     classes = class_names(checkpoint, model.model[-1].out_features)
+    if args.eval:
+        report = evaluation_report(model, classes, load_data(args.data_dir), device, str(checkpoint_path))
+        print(json.dumps(report, ensure_ascii=False) if args.json else format_report(report))
+        return
+    predictions = classify(model, classes, paths, device, args.top_k)
+    if args.json:
+        print(json.dumps({'checkpoint': str(checkpoint_path), 'device': str(device), 'classes': classes,
+                          'predictions': predictions}, ensure_ascii=False))
+        return
     about = f', epoch {checkpoint["epoch"] + 1}, test accuracy {checkpoint["test_accuracy"]:.1%}' \
         if checkpoint.get('test_accuracy') is not None else ''
     print(f'checkpoint: {checkpoint_path} ({len(classes)} classes{about}); device: {device}')
-
-    images = torch.stack([load_image(p) for p in paths]).to(device)
-    model.eval()
-    with torch.no_grad():
-        probabilities = model(images).float().softmax(dim=1).cpu()
-    top_p, top_i = probabilities.topk(min(args.top_k, len(classes)), dim=1)
-    for path, ps, idx in zip(paths, top_p.tolist(), top_i.tolist()):
-        guesses = ', '.join(f'{display_name(classes[i])} {p:.1%}' for p, i in zip(ps, idx))
-        print(f'{path}: {display_name(classes[idx[0]])} ({ps[0]:.1%})   top {len(idx)}: {guesses}')
+    for prediction in predictions:
+        best = prediction['top'][0]
+        guesses = ', '.join(f'{display_name(t["class"])} {t["probability"]:.1%}' for t in prediction['top'])
+        print(f'{prediction["image"]}: {display_name(best["class"])} ({best["probability"]:.1%})   '
+              f'top {len(prediction["top"])}: {guesses}')
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
 """test.py: classifying pictures with a trained checkpoint or the tutorial's plain state_dict."""
+import json
 import re
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, assert_clean_error, run_script, write_image_folders
+from conftest import ROOT, assert_clean_error, load_weights, run_script, write_image_folders
 from model import MyModel
 
 LINE = re.compile(r'^(?P<path>\S+): (?P<name>\w+)(?: \S+)? \((?P<p>[\d.]+)%\)   top 3: (?P<top>.+)$')
@@ -95,3 +96,43 @@ def test_missing_files_are_one_line_errors(args, fragment, trained):
 def test_no_checkpoint_yet_says_train_first(tmp_path):
     result = run_script('test.py', ROOT / 'images' / 'dog.png', cwd=tmp_path, check=False)
     assert_clean_error(result, 'no checkpoint', 'train')
+
+
+def test_json_output_for_images(trained):
+    work, _ = trained
+    result = run_script('test.py', ROOT / 'images', '--json', '--top-k', 4, '--checkpoint',
+                        work / 'model' / 'best.pth', cwd=work)
+    report = json.loads(result.stdout)
+    assert len(report['predictions']) == 3 and report['classes'][3] == 'cat'
+    for prediction in report['predictions']:
+        probabilities = [t['probability'] for t in prediction['top']]
+        assert len(probabilities) == 4 and probabilities == sorted(probabilities, reverse=True)
+        assert 0 < sum(probabilities) <= 1 + 1e-6
+
+
+def test_eval_agrees_with_training_and_explains_the_mistakes(trained, cifar_dir):
+    work, _ = trained
+    checkpoint = load_weights(work / 'model' / 'last.pth')
+    result = run_script('test.py', '--eval', '--json', '--data-dir', cifar_dir, '--checkpoint',
+                        work / 'model' / 'last.pth', cwd=work)
+    report = json.loads(result.stdout)
+    assert report['images'] == 200
+    assert report['accuracy'] == pytest.approx(checkpoint['test_accuracy'])  # same number training logged
+    confusion = torch.tensor(report['confusion'])
+    assert confusion.sum() == 200 and confusion.trace() == round(report['accuracy'] * 200)
+    assert [row['images'] for row in report['per_class']] == confusion.sum(1).tolist()
+    assert report['per_class'][3]['chinese'] == '猫'
+    confidences = [m['probability'] for m in report['mistakes']]
+    assert confidences == sorted(confidences, reverse=True)
+    assert all(m['true'] != m['predicted'] for m in report['mistakes'])
+    text = run_script('test.py', '--eval', '--data-dir', cifar_dir, '--checkpoint', work / 'model' / 'last.pth',
+                      cwd=work).stdout
+    assert 'confusion matrix' in text and 'most confident mistakes' in text and 'cat 猫' in text
+
+
+def test_eval_on_a_data_set_with_other_classes_is_refused(trained, tmp_path):
+    work, _ = trained
+    pets = write_image_folders(tmp_path / 'pets', train=2, test=2)
+    result = run_script('test.py', '--eval', '--data-dir', pets, '--checkpoint', work / 'model' / 'last.pth',
+                        cwd=work, check=False)
+    assert_clean_error(result, '--data-dir')

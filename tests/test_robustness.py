@@ -22,6 +22,7 @@ from conftest import (OFFLINE, ROOT, TRAIN_FLAGS, assert_clean_error, load_weigh
                       write_image_folders)
 from model import MyModel
 from training.cli import run
+from training.files import _umask
 
 
 def load_script(name):
@@ -136,21 +137,27 @@ def test_divergence_stops_with_a_clear_message_and_keeps_earlier_checkpoints(tra
     assert (model_dir / 'model_0.pth').read_bytes() == good
 
 
-def test_a_full_disk_is_a_clear_error_and_loses_nothing(trained, cifar_dir, tmp_path):
+@pytest.mark.parametrize('limit, failing', [(450_000, 'model_0.pth'), (200_000, 'TensorBoard logs')])
+def test_a_full_disk_is_a_clear_error_and_loses_nothing(limit, failing, trained, cifar_dir, tmp_path):
     model_dir = tmp_path / 'model'
     model_dir.mkdir()
     good = (trained[0] / 'model' / 'model_0.pth').read_bytes()
     (model_dir / 'model_0.pth').write_bytes(good)
 
-    def small_disk():  # files may not grow past 200 kB: a checkpoint (350 kB) cannot be written
-        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+    def small_disk():  # no file may grow past `limit`: a checkpoint is about 590 kB, an epoch's log 340 kB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     result = subprocess.run([sys.executable, str(ROOT / 'train.py'), *map(str, TRAIN_FLAGS), '--data-dir',
                              str(cifar_dir), '--epochs', '1'], cwd=tmp_path, preexec_fn=small_disk,
                             capture_output=True, text=True, env={**os.environ, **OFFLINE}, timeout=300)
-    assert_clean_error(result, 'cannot write', 'model_0.pth', '--checkpoint-dir')
+    assert_clean_error(result, 'cannot write', 'free some space', failing)
     assert (model_dir / 'model_0.pth').read_bytes() == good
     assert sorted(p.name for p in model_dir.iterdir()) == ['model_0.pth']  # no temporary file left
+
+
+def test_checkpoints_get_the_usual_file_permissions(trained):
+    mode = (trained[0] / 'model' / 'model_0.pth').stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask()
 
 
 def test_an_unwritable_checkpoint_folder_fails_before_training(cifar_dir, tmp_path, capsys):

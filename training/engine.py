@@ -18,6 +18,9 @@ class EpochResult:
     loss: float       # mean loss per image
     accuracy: float   # fraction of images classified correctly
     images: int
+    confusion: torch.Tensor = None      # evaluate(): counts, rows = true class, columns = predicted
+    probabilities: torch.Tensor = None  # evaluate(keep_outputs=True): N x classes, on the CPU
+    targets: torch.Tensor = None        # evaluate(keep_outputs=True): N true classes, on the CPU
 
 
 class Diverged(ArithmeticError):
@@ -88,16 +91,31 @@ def train_one_epoch(model, loss_fn, optimizer, batches, to_device=_identity, amp
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, batches, to_device=_identity, amp_dtype=None) -> EpochResult:
-    """Mean loss per image and accuracy over ``batches`` (the tutorial summed per-batch means)."""
+def evaluate(model, loss_fn, batches, to_device=_identity, amp_dtype=None, keep_outputs=False) -> EpochResult:
+    """Mean loss per image (the tutorial summed per-batch means), accuracy and the confusion matrix over
+    ``batches``; with ``keep_outputs`` also every image's class probabilities."""
     model.eval()
     meter = Meter(next(model.parameters()).device)
+    confusion, outputs_kept, targets_kept = None, [], []
     for images, targets in batches:
         images, targets = to_device(images, targets)
         with torch.autocast(meter.loss_sum.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(images)
             loss = loss_fn(outputs, targets)
+        classes = outputs.shape[1]
+        predictions = outputs.argmax(1)
+        if confusion is None:
+            confusion = torch.zeros(classes * classes, dtype=torch.long, device=targets.device)
+        confusion += torch.bincount(targets * classes + predictions, minlength=classes * classes)
         meter.seen += targets.shape[0]
         meter.loss_sum += loss.float() * targets.shape[0]
-        meter.correct += (outputs.argmax(1) == targets).sum()
-    return meter.result()
+        meter.correct += (predictions == targets).sum()
+        if keep_outputs:
+            outputs_kept.append(outputs.float().softmax(1))
+            targets_kept.append(targets)
+    result = meter.result()
+    if confusion is not None:
+        result.confusion = confusion.view(classes, classes).cpu()
+    if keep_outputs and outputs_kept:
+        result.probabilities, result.targets = torch.cat(outputs_kept).cpu(), torch.cat(targets_kept).cpu()
+    return result

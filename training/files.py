@@ -19,6 +19,7 @@ def atomic_save(obj, path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, 'wb') as f:
             f.write(buffer.getbuffer())
             f.flush()
@@ -35,3 +36,9 @@ def atomic_save(obj, path) -> None:
             os.close(folder)
     except OSError:
         pass  # some file systems cannot fsync a folder; the data itself is already on disk
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

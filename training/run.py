@@ -5,7 +5,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from . import tblog
 from .batches import make_batches
 from .checkpoint import (load_training_state, model_bundle, prepare_checkpoint_dir, restore, save_checkpoint,
                          training_state)
@@ -73,108 +74,178 @@ class GracefulStop:
 RESUMED_SETTINGS = ('batch_size', 'lr', 'seed', 'precision', 'channels_last', 'log_interval')
 
 
-def fit(model, loss_fn, data: Data, args, device: torch.device, to_device=None) -> dict:
-    """Train ``model`` for ``args.epochs`` epochs, testing, logging and saving after each one."""
-    to_device = to_device or (lambda images, targets: (images, targets))
-    say = (lambda *a, **k: None) if args.quiet else print
-    with ExitStack() as stack:
+class TrainingRun:
+    """One training run: the state that lives across epochs, and one method per phase of an epoch."""
+
+    def __init__(self, model, loss_fn, data: Data, args, device, to_device, stack: ExitStack):
+        self.model, self.loss_fn, self.data, self.args, self.device = model, loss_fn, data, args, device
+        self.to_device = to_device or (lambda images, targets: (images, targets))
+        self.say = (lambda *a, **k: None) if args.quiet else print
         if args.dry_run:  # keep the real model/ and logs/ untouched unless asked otherwise
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix='dry-run-')))
             args.checkpoint_dir = args.checkpoint_dir or str(scratch / 'model')
             args.log_dir = args.log_dir or str(scratch / 'logs')
             args.epochs = min(args.epochs, 2)
-        checkpoint_dir = Path(args.checkpoint_dir or 'model')
+        self.checkpoint_dir = Path(args.checkpoint_dir or 'model')
         resumed = None
         if args.resume:
-            resume_path, resumed = load_training_state(args.resume, checkpoint_dir, device)
+            resume_path, resumed = load_training_state(args.resume, self.checkpoint_dir, device)
             for key in RESUMED_SETTINGS:  # the settings the weights were trained with
                 setattr(args, key, resumed['config'][key])
-        prepare_checkpoint_dir(checkpoint_dir)
-        run_dir = Path(resumed['run_dir']) if resumed else open_run_dir(Path(args.log_dir or 'logs'), args.run_name)
-
-        net, amp_dtype = speed_up(model, args, device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
-        step, start_epoch, meter_state = 0, 0, None
-        best = {'accuracy': -1.0, 'epoch': -1}
-        last_test = {'epoch': -1, 'test_accuracy': None, 'test_loss': None}
+        prepare_checkpoint_dir(self.checkpoint_dir)
+        self.run_dir = Path(resumed['run_dir']) if resumed else open_run_dir(Path(args.log_dir or 'logs'),
+                                                                             args.run_name)
+        self.net, self.amp_dtype = speed_up(model, args, device)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+        self.step, self.start_epoch, self.meter_state = 0, 0, None
+        self.best = {'accuracy': -1.0, 'epoch': -1}
+        self.last_test = {'epoch': -1, 'test_accuracy': None, 'test_loss': None}
         if resumed:
-            restore(resumed, model, optimizer, data.classes, resume_path)
-            step, best = resumed['step'], resumed['best']
-            start_epoch, meter_state = resumed['resume']['epoch'], resumed['resume']['meter']
-            last_test = {k: resumed[k] for k in last_test}
-        train_batches, test_batches = make_batches(data, args, device, say)
-        say(f'data: {data.source}: {len(data.train)} training and {len(data.test)} test images, '
-            f'{len(data.classes)} classes, {type(train_batches).__name__}')
-        say(f'{args.epochs} epochs of {len(train_batches)} steps (batch {args.batch_size}, lr {args.lr}, '
-            f'seed {args.seed}, {"bf16 autocast" if amp_dtype else "fp32"}'
-            f'{", channels_last" if args.channels_last else ""}{", compiled" if args.compile else ""})'
-            + (f'; resuming {resume_path} at epoch {start_epoch + 1}, step {step}' if resumed else ''))
-        say(f'TensorBoard: {run_dir}/  checkpoints: {checkpoint_dir}/')
-
+            restore(resumed, model, self.optimizer, data.classes, resume_path)
+            self.step, self.best = resumed['step'], resumed['best']
+            self.start_epoch, self.meter_state = resumed['resume']['epoch'], resumed['resume']['meter']
+            self.last_test = {k: resumed[k] for k in self.last_test}
+        self.train_batches, self.test_batches = make_batches(data, args, device, self.say)
+        self.say(f'data: {data.source}: {len(data.train)} training and {len(data.test)} test images, '
+                 f'{len(data.classes)} classes, {type(self.train_batches).__name__}')
+        self.say(f'{args.epochs} epochs of {len(self.train_batches)} steps (batch {args.batch_size}, lr {args.lr}, '
+                 f'seed {args.seed}, {"bf16 autocast" if self.amp_dtype else "fp32"}'
+                 f'{", channels_last" if args.channels_last else ""}{", compiled" if args.compile else ""})'
+                 + (f'; resuming {resume_path} at epoch {self.start_epoch + 1}, step {self.step}' if resumed else ''))
+        self.say(f'TensorBoard: {self.run_dir}/  checkpoints: {self.checkpoint_dir}/')
         # purge_step: a resumed run drops what the interrupted one logged after its checkpoint
-        writer = stack.enter_context(SummaryWriter(str(run_dir), purge_step=step + 1 if resumed else None))
-        stop = stack.enter_context(GracefulStop())
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=self.step + 1 if resumed else None)
+        stack.callback(close_quietly, self.writer)
+        quiet_writer_thread(stack)
+        self.stop = stack.enter_context(GracefulStop())
+        self.logging_seconds = 0.0  # TensorBoard extras, timed so that their cost is known
+        if not resumed:
+            with self.timed_logging():
+                example = torch.zeros(1, 3, 32, 32, device=device)
+                tblog.log_run_start(self.writer, model, data.train, data.classes,
+                                    example.contiguous(memory_format=torch.channels_last) if args.channels_last
+                                    else example)
+
+    @contextmanager
+    def timed_logging(self):
         start = time.perf_counter()
+        yield
+        self.logging_seconds += time.perf_counter() - start
 
-        def save_state(next_epoch, meter=None):
-            save_checkpoint(training_state(model, data.classes, optimizer, config_of(args), run_dir, step,
-                                           next_epoch, best, last_test, meter and meter.state_dict()),
-                            checkpoint_dir / 'last.pth')
+    def train(self, epoch: int) -> Meter:
+        """Train one epoch (the rest of it, when resuming); returns its meter."""
+        meter = Meter(self.device, self.meter_state if epoch == self.start_epoch else None)
+        self.train_batches.set_epoch(epoch, skip=meter.batches)
+        bar = tqdm(self.train_batches, desc=f'epoch {epoch + 1}/{self.args.epochs}', leave=False, unit='img',
+                   unit_scale=self.args.batch_size, initial=meter.batches, dynamic_ncols=True,
+                   disable=self.args.quiet or not sys.stderr.isatty())  # no bar in CI logs or files
 
-        def stop_now():
-            script = Path(sys.argv[0]).name or 'train.py'
-            where = '' if checkpoint_dir == Path('model') else f' --checkpoint-dir {checkpoint_dir}'
-            print(f'interrupted: training state saved in {checkpoint_dir / "last.pth"} (step {step}); '
-                  f'continue with: python {script} --resume{where}', file=sys.stderr)
-            sys.exit(128 + stop.signum)
+        def log_train_loss(step, loss):
+            self.writer.add_scalar('train_loss', loss, step)
+            bar.set_postfix(loss=f'{loss:.3f}', refresh=False)
 
-        for epoch in range(start_epoch, args.epochs):
-            epoch_start = time.perf_counter()
-            meter = Meter(device, meter_state if epoch == start_epoch else None)
-            train_batches.set_epoch(epoch, skip=meter.batches)
-            bar = tqdm(train_batches, desc=f'epoch {epoch + 1}/{args.epochs}', leave=False, unit='step',
-                       initial=meter.batches, disable=args.quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+        try:
+            meter, self.step = train_one_epoch(self.net, self.loss_fn, self.optimizer, bar, self.to_device,
+                                               self.amp_dtype, self.args.log_interval, log_train_loss, self.step,
+                                               meter, self.stop)
+            if not math.isfinite(meter.result().loss):
+                raise Diverged(self.step, meter.result().loss)
+        except Diverged as e:
+            raise UserError(f'training diverged: the {e} (is the learning rate {self.args.lr} too high? try a '
+                            f'smaller --lr); the checkpoints of earlier epochs are kept') from None
+        finally:
+            bar.close()
+        if meter.batches < len(self.train_batches):  # stopped by a signal in the middle of the epoch
+            self.save_state(epoch, meter)
+            self.exit_interrupted()
+        return meter
 
-            def log_train_loss(at_step, loss):
-                writer.add_scalar('train_loss', loss, at_step)
-                bar.set_postfix(loss=f'{loss:.3f}', refresh=False)
+    def test_and_save(self, epoch: int, train, train_seconds: float):
+        """Evaluate, log the epoch, and write model_{epoch}.pth, best.pth when it is the best, and last.pth."""
+        last = epoch == self.args.epochs - 1
+        test = evaluate(self.net, self.loss_fn, self.test_batches, self.to_device, self.amp_dtype, keep_outputs=last)
+        self.writer.add_scalar('test_loss', test.loss, epoch)
+        self.writer.add_scalar('test_accuracy', test.accuracy, epoch)
+        with self.timed_logging():
+            tblog.log_epoch(self.writer, epoch, self.model, self.optimizer, train, test, self.data.classes,
+                            train_seconds)
+        self.writer.flush()  # so a TensorBoard that is watching sees each epoch as it ends
+        self.last_test = {'epoch': epoch, 'test_accuracy': test.accuracy, 'test_loss': test.loss}
+        save_checkpoint(self.model.state_dict(), self.checkpoint_dir / f'model_{epoch}.pth')
+        if test.accuracy > self.best['accuracy']:
+            self.best = {'accuracy': test.accuracy, 'epoch': epoch}
+            save_checkpoint(model_bundle(self.model, self.data.classes, **self.last_test, step=self.step,
+                                         config=config_of(self.args)), self.checkpoint_dir / 'best.pth')
+        self.save_state(epoch + 1)
+        if last:
+            with self.timed_logging():
+                tblog.log_run_end(self.writer, epoch, test, self.data.classes, config_of(self.args), self.best)
+        return test
 
-            try:
-                meter, step = train_one_epoch(net, loss_fn, optimizer, bar, to_device, amp_dtype,
-                                              args.log_interval, log_train_loss, step, meter, stop)
-                train = meter.result()
-                if not math.isfinite(train.loss):
-                    raise Diverged(step, train.loss)
-            except Diverged as e:
-                raise UserError(f'training diverged: the {e} (is the learning rate {args.lr} too high? try a '
-                                f'smaller --lr); the checkpoints of earlier epochs are kept') from None
-            finally:
-                bar.close()
-            if meter.batches < len(train_batches):  # stopped by a signal in the middle of the epoch
-                save_state(epoch, meter)
-                stop_now()
-            test = evaluate(net, loss_fn, test_batches, to_device, amp_dtype)
-            writer.add_scalar('test_loss', test.loss, epoch)
-            writer.add_scalar('test_accuracy', test.accuracy, epoch)
-            writer.flush()  # so a TensorBoard that is watching sees each epoch as it ends
+    def save_state(self, next_epoch: int, meter: Meter = None) -> None:
+        save_checkpoint(training_state(self.model, self.data.classes, self.optimizer, config_of(self.args),
+                                       self.run_dir, self.step, next_epoch, self.best, self.last_test,
+                                       meter and meter.state_dict()),
+                        self.checkpoint_dir / 'last.pth')
 
-            last_test = {'epoch': epoch, 'test_accuracy': test.accuracy, 'test_loss': test.loss}
-            save_checkpoint(model.state_dict(), checkpoint_dir / f'model_{epoch}.pth')
-            if test.accuracy > best['accuracy']:
-                best = {'accuracy': test.accuracy, 'epoch': epoch}
-                save_checkpoint(model_bundle(model, data.classes, **last_test, step=step, config=config_of(args)),
-                                checkpoint_dir / 'best.pth')
-            save_state(epoch + 1)
-            say(f'epoch {epoch + 1:>3}/{args.epochs}  train loss {train.loss:.4f}  acc {train.accuracy:6.2%}  '
+    def exit_interrupted(self):
+        script = Path(sys.argv[0]).name or 'train.py'
+        where = '' if self.checkpoint_dir == Path('model') else f' --checkpoint-dir {self.checkpoint_dir}'
+        print(f'interrupted: training state saved in {self.checkpoint_dir / "last.pth"} (step {self.step}); '
+              f'continue with: python {script} --resume{where}', file=sys.stderr)
+        sys.exit(128 + self.stop.signum)
+
+
+def quiet_writer_thread(stack: ExitStack) -> None:
+    """TensorBoard writes from a thread; when a write fails (disk full) the thread prints a traceback, then
+    the main thread gets the same error at its next log call and reports it in one line. Silence the first."""
+    previous = threading.excepthook
+
+    def hook(hook_args):
+        if not issubclass(hook_args.exc_type, OSError):
+            previous(hook_args)
+
+    threading.excepthook = hook
+    stack.callback(setattr, threading, 'excepthook', previous)
+
+
+def close_quietly(writer) -> None:
+    """Flush and close; a log write that already failed has been reported, so do not raise it twice."""
+    try:
+        writer.close()
+    except OSError:
+        pass
+
+
+def fit(model, loss_fn, data: Data, args, device: torch.device, to_device=None) -> dict:
+    """Train ``model`` for ``args.epochs`` epochs, testing, logging and saving after each one."""
+    with ExitStack() as stack:  # closes the TensorBoard writer and restores signal handlers, however we leave
+        run = TrainingRun(model, loss_fn, data, args, device, to_device, stack)
+        try:
+            return run_epochs(run, args)
+        except OSError as e:  # checkpoint writes report their own errors: this is the TensorBoard writer
+            raise UserError(f'cannot write TensorBoard logs to {run.run_dir}/ ({e.strerror or e}); free some '
+                            f'space or choose another --log-dir (the checkpoints are intact)') from None
+
+
+def run_epochs(run: TrainingRun, args) -> dict:
+    """The epoch loop, then the final summary."""
+    start = time.perf_counter()
+    for epoch in range(run.start_epoch, args.epochs):
+        epoch_start = time.perf_counter()
+        train = run.train(epoch).result()
+        test = run.test_and_save(epoch, train, time.perf_counter() - epoch_start)
+        run.say(f'epoch {epoch + 1:>3}/{args.epochs}  train loss {train.loss:.4f}  acc {train.accuracy:6.2%}  '
                 f'| test loss {test.loss:.4f}  acc {test.accuracy:6.2%}  '
-                f'| {time.perf_counter() - epoch_start:5.1f}s  -> {checkpoint_dir / f"model_{epoch}.pth"}')
-            if stop():
-                stop_now()
-
-        total = time.perf_counter() - start
-        print(f'done in {total:.1f}s: best test accuracy {best["accuracy"]:.2%} at epoch {best["epoch"] + 1} '
-              f'({checkpoint_dir / "best.pth"}); TensorBoard: tensorboard --logdir {run_dir.parent}')
-        if args.dry_run:
-            print('dry run OK: data, model, training, evaluation, TensorBoard and checkpoints all work')
-        return {'best_accuracy': best['accuracy'], 'best_epoch': best['epoch'],
-                'final_accuracy': last_test['test_accuracy'], 'seconds': total, 'run_dir': str(run_dir)}
+                f'| {time.perf_counter() - epoch_start:5.1f}s  -> {run.checkpoint_dir / f"model_{epoch}.pth"}')
+        if run.stop():
+            run.exit_interrupted()
+    total = time.perf_counter() - start
+    print(f'done in {total:.1f}s: best test accuracy {run.best["accuracy"]:.2%} at epoch '
+          f'{run.best["epoch"] + 1} ({run.checkpoint_dir / "best.pth"}); '
+          f'TensorBoard: tensorboard --logdir {run.run_dir.parent} (this run: {run.run_dir.name}; '
+          f'its extra logging took {run.logging_seconds:.1f}s, {run.logging_seconds / total:.1%} of the run)')
+    if args.dry_run:
+        print('dry run OK: data, model, training, evaluation, TensorBoard and checkpoints all work')
+    return {'best_accuracy': run.best['accuracy'], 'best_epoch': run.best['epoch'],
+            'final_accuracy': run.last_test['test_accuracy'], 'seconds': total, 'run_dir': str(run.run_dir)}
