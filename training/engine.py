@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 
-def _identity(images, targets):
+def keep_device(images, targets):
+    """The default ``to_device``: batches that already are where the model is."""
     return images, targets
 
 
@@ -51,7 +52,7 @@ class Meter:
         return EpochResult(self.loss_sum.item() / seen, self.correct.item() / seen, self.seen)
 
 
-def train_one_epoch(model, loss_fn, optimizer, batches, to_device=_identity, amp_dtype=None,
+def train_one_epoch(model, loss_fn, optimizer, batches, to_device=keep_device, amp_dtype=None,
                     log_every: int = 100, on_log=None, step: int = 0, meter: Meter = None,
                     should_stop=None):
     """Train on every batch once (or until ``should_stop()`` says so, checked after each step).
@@ -91,7 +92,7 @@ def train_one_epoch(model, loss_fn, optimizer, batches, to_device=_identity, amp
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, batches, to_device=_identity, amp_dtype=None, keep_outputs=False) -> EpochResult:
+def evaluate(model, loss_fn, batches, to_device=keep_device, amp_dtype=None, keep_outputs=False) -> EpochResult:
     """Mean loss per image (the tutorial summed per-batch means), accuracy and the confusion matrix over
     ``batches``; with ``keep_outputs`` also every image's class probabilities."""
     model.eval()

@@ -20,7 +20,7 @@ from .checkpoint import (load_training_state, model_bundle, prepare_checkpoint_d
 from .cli import UserError
 from .data import Data
 from .device import autocast_dtype
-from .engine import Diverged, Meter, evaluate, train_one_epoch
+from .engine import Diverged, Meter, evaluate, keep_device, train_one_epoch
 
 
 def open_run_dir(log_dir: Path, run_name) -> Path:
@@ -79,7 +79,7 @@ class TrainingRun:
 
     def __init__(self, model, loss_fn, data: Data, args, device, to_device, stack: ExitStack):
         self.model, self.loss_fn, self.data, self.args, self.device = model, loss_fn, data, args, device
-        self.to_device = to_device or (lambda images, targets: (images, targets))
+        self.to_device = to_device or keep_device
         self.say = (lambda *a, **k: None) if args.quiet else print
         if args.dry_run:  # keep the real model/ and logs/ untouched unless asked otherwise
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix='dry-run-')))
@@ -132,8 +132,8 @@ class TrainingRun:
         yield
         self.logging_seconds += time.perf_counter() - start
 
-    def train(self, epoch: int) -> Meter:
-        """Train one epoch (the rest of it, when resuming); returns its meter."""
+    def train(self, epoch: int):
+        """Train one epoch (the rest of it, when resuming); returns its EpochResult."""
         meter = Meter(self.device, self.meter_state if epoch == self.start_epoch else None)
         self.train_batches.set_epoch(epoch, skip=meter.batches)
         bar = tqdm(self.train_batches, desc=f'epoch {epoch + 1}/{self.args.epochs}', leave=False, unit='img',
@@ -148,8 +148,9 @@ class TrainingRun:
             meter, self.step = train_one_epoch(self.net, self.loss_fn, self.optimizer, bar, self.to_device,
                                                self.amp_dtype, self.args.log_interval, log_train_loss, self.step,
                                                meter, self.stop)
-            if not math.isfinite(meter.result().loss):
-                raise Diverged(self.step, meter.result().loss)
+            result = meter.result()  # the epoch's one sync
+            if not math.isfinite(result.loss):
+                raise Diverged(self.step, result.loss)
         except Diverged as e:
             raise UserError(f'training diverged: the {e} (is the learning rate {self.args.lr} too high? try a '
                             f'smaller --lr); the checkpoints of earlier epochs are kept') from None
@@ -158,7 +159,7 @@ class TrainingRun:
         if meter.batches < len(self.train_batches):  # stopped by a signal in the middle of the epoch
             self.save_state(epoch, meter)
             self.exit_interrupted()
-        return meter
+        return result
 
     def test_and_save(self, epoch: int, train, train_seconds: float):
         """Evaluate, log the epoch, and write model_{epoch}.pth, best.pth when it is the best, and last.pth."""
@@ -233,7 +234,7 @@ def run_epochs(run: TrainingRun, args) -> dict:
     start = time.perf_counter()
     for epoch in range(run.start_epoch, args.epochs):
         epoch_start = time.perf_counter()
-        train = run.train(epoch).result()
+        train = run.train(epoch)
         test = run.test_and_save(epoch, train, time.perf_counter() - epoch_start)
         run.say(f'epoch {epoch + 1:>3}/{args.epochs}  train loss {train.loss:.4f}  acc {train.accuracy:6.2%}  '
                 f'| test loss {test.loss:.4f}  acc {test.accuracy:6.2%}  '
