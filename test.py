@@ -6,7 +6,7 @@
     python test.py --json                            # machine-readable, for any of the above
 
 Any size or format Pillow reads (PNG, JPEG, GIF, WebP, BMP, TIFF ...) is shrunk to 32x32 as CIFAR-10
-images are. Checkpoints load with map_location (a GPU-trained model works on a CPU-only machine)
+images are, then normalised with the statistics the checkpoint was trained with (--recipe fast). Checkpoints load with map_location (a GPU-trained model works on a CPU-only machine)
 and weights_only=True (a checkpoint can never run code). A folder argument means every image in it.
 """
 import argparse
@@ -23,6 +23,7 @@ from training.checkpoint import build_model, class_names, load_checkpoint, newes
 from training.cli import ArgumentParser, UserError, positive_int, run
 from training.data import CHINESE_NAMES, IMAGE_SIZE, load_data
 from training.device import select_device
+from training.recipe import inference_net
 from training.report import evaluation_report, format_report
 
 IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.gif', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm'}
@@ -111,6 +112,9 @@ def main(argv=None):
                              'mistakes on the test split of --data-dir')
     parser.add_argument('--data-dir', default='dataset', help='data set for --eval, as for training (default: dataset)')
     parser.add_argument('--json', action='store_true', help='print one JSON document instead of text')
+    parser.add_argument('--tta', action=argparse.BooleanOptionalAction,
+                        help='also look at the mirror image and average (default: as the checkpoint was trained, '
+                             'on for --recipe fast)')
     args = parser.parse_args(argv)
     if args.eval and args.images:
         parser.error('--eval evaluates the test split: give no image arguments with it')
@@ -119,20 +123,25 @@ def main(argv=None):
     paths = [] if args.eval else image_paths(args.images or ['images/dog.png'])
     checkpoint_path = Path(args.checkpoint) if args.checkpoint else newest_checkpoint(args.checkpoint_dir)
     checkpoint = load_checkpoint(checkpoint_path, device)
-    model = build_model(checkpoint['model'], source=str(checkpoint_path)).to(device)
+    model = build_model(checkpoint['model'], source=str(checkpoint_path))
     classes = class_names(checkpoint, model.model[-1].out_features)
+    tta = args.tta if args.tta is not None else bool(checkpoint.get('config', {}).get('tta'))
+    net = inference_net(model, checkpoint.get('normalize'), tta).to(device)  # normalisation, model, mirror
     if args.eval:
-        report = evaluation_report(model, classes, load_data(args.data_dir), device, str(checkpoint_path))
+        report = evaluation_report(net, classes, load_data(args.data_dir), device, str(checkpoint_path))
         print(json.dumps(report, ensure_ascii=False) if args.json else format_report(report))
         return
-    predictions = classify(model, classes, paths, device, args.top_k)
+    predictions = classify(net, classes, paths, device, args.top_k)
     if args.json:
         print(json.dumps({'checkpoint': str(checkpoint_path), 'device': str(device), 'classes': classes,
-                          'predictions': predictions}, ensure_ascii=False))
+                          'normalize': checkpoint.get('normalize'), 'tta': tta, 'predictions': predictions},
+                         ensure_ascii=False))
         return
     about = f', epoch {checkpoint["epoch"] + 1}, test accuracy {checkpoint["test_accuracy"]:.1%}' \
         if checkpoint.get('test_accuracy') is not None else ''
-    print(f'checkpoint: {checkpoint_path} ({len(classes)} classes{about}); device: {device}')
+    extras = ''.join(['; normalised as in training' if checkpoint.get('normalize') else '',
+                      '; with its mirror image (TTA)' if tta else ''])
+    print(f'checkpoint: {checkpoint_path} ({len(classes)} classes{about}); device: {device}{extras}')
     for prediction in predictions:
         best = prediction['top'][0]
         guesses = ', '.join(f'{display_name(t["class"])} {t["probability"]:.1%}' for t in prediction['top'])

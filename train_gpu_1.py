@@ -25,7 +25,7 @@ def main(argv=None):
     data = load_data(args.data_dir, args.dry_run, args.batch_size, args.seed)
     torch.manual_seed(args.seed)  # same seed, same initial weights
     model = MyModel(num_classes=len(data.classes))
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)  # 0 in the tutorial recipe
     if use_cuda:
         model = model.cuda()
         loss_fn = loss_fn.cuda()

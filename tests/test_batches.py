@@ -6,14 +6,18 @@ import torch
 from PIL import Image
 
 from conftest import write_cifar10, write_image_folders
+from torchvision.transforms import functional as TF
+
 from training.batches import StreamBatches, TensorBatches, cache_key, make_batches
-from training.data import load_data
+from training.data import hold_out, load_data
+from training.recipe import augment, augment_plan
 
 CPU = torch.device('cpu')
 
 
 def options(**overrides):
-    defaults = dict(loader='memory', batch_size=16, seed=3, num_workers=0, channels_last=True)
+    defaults = dict(loader='memory', batch_size=16, seed=3, num_workers=0, channels_last=True, crop_padding=0,
+                    flip=False)
     return Namespace(**{**defaults, **overrides})
 
 
@@ -29,10 +33,11 @@ def data(request, tmp_path):
     return load_data(write_image_folders(tmp_path, train=11, test=5))  # mixed sizes, RGBA, JPEG
 
 
-@pytest.mark.parametrize('channels_last', [True, False])
-def test_memory_path_yields_the_dataloaders_tensors_in_the_same_order(data, channels_last):
-    fast, fast_test = make_batches(data, options(channels_last=channels_last), CPU, say=lambda *a: None)
-    slow, slow_test = make_batches(data, options(loader='stream', channels_last=channels_last), CPU)
+@pytest.mark.parametrize('channels_last, augmented', [(True, False), (False, False), (True, True)])
+def test_memory_path_yields_the_dataloaders_tensors_in_the_same_order(data, channels_last, augmented):
+    recipe = dict(channels_last=channels_last, crop_padding=4 if augmented else 0, flip=augmented)
+    fast, fast_test = make_batches(data, options(**recipe), CPU, say=lambda *a: None)
+    slow, slow_test = make_batches(data, options(loader='stream', **recipe), CPU)
     assert isinstance(fast, TensorBatches) and isinstance(slow, StreamBatches)
     for epoch in (0, 1):
         pairs = list(zip(all_batches(fast, epoch), all_batches(slow, epoch), strict=True))
@@ -52,6 +57,46 @@ def test_every_epoch_is_a_new_permutation_of_the_whole_set(data):
     assert torch.equal(orders[0].sort().values, labels.sort().values)
     assert not torch.equal(orders[0], orders[1])
     assert torch.equal(orders[0], torch.cat([y for _, y in all_batches(fast, 0)]))  # same epoch, same order
+
+
+def test_augmentation_is_torchvisions_random_crop_and_flip():
+    """Each image of a batch, cropped and mirrored in one gather, equals torchvision's pad + crop + hflip
+    of that image with the same offsets; the plan gives every offset and both mirror states."""
+    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
+    plan = augment_plan(64, seed=1, epoch=2, padding=4, flip=True)
+    out = augment(images, plan, padding=4)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    for image, (top, left, mirror), result in zip(images, plan.tolist(), out):
+        expected = TF.crop(TF.pad(image.permute(2, 0, 1), 4), top, left, 32, 32)
+        if mirror:
+            expected = TF.hflip(expected)
+        assert torch.equal(result.permute(2, 0, 1), expected)
+    assert set(plan[:, :2].flatten().tolist()) == set(range(9)) and set(plan[:, 2].tolist()) == {0, 1}
+    assert torch.equal(plan, augment_plan(64, 1, 2, 4, True))  # (seed, epoch) decide it
+    assert not torch.equal(plan, augment_plan(64, 1, 3, 4, True))
+    assert not augment_plan(64, 1, 2, 4, flip=False)[:, 2].any()
+
+
+def test_augmented_epochs_differ_and_a_resumed_epoch_continues_the_same_way(data):
+    fast, _ = make_batches(data, options(crop_padding=4, flip=True), CPU, say=lambda *a: None)
+    epoch_0 = all_batches(fast, 0)
+    fast.set_epoch(0, skip=2)  # resuming after two batches
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch_0[2:], fast, strict=True))
+    plain, _ = make_batches(data, options(), CPU, say=lambda *a: None)
+    assert not torch.equal(epoch_0[0][0], all_batches(plain, 0)[0][0])  # the images really changed
+
+
+def test_validation_split_is_held_out_of_the_training_set(data):
+    held = hold_out(data, 7)
+    fast, fast_val = make_batches(held, options(), CPU, say=lambda *a: None)
+    slow, slow_val = make_batches(held, options(loader='stream'), CPU)
+    assert len(held.train) + len(held.test) == len(data.train) and len(held.test) == 7
+    assert not set(held.train.indices) & set(held.test.indices)
+    assert held.test.indices == hold_out(data, 7).test.indices  # the same images every time
+    for (x, y), (x_ref, y_ref) in zip(fast_val, slow_val, strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    assert torch.equal(torch.cat([y for _, y in all_batches(fast, 0)]),
+                       torch.cat([y for _, y in all_batches(slow, 0)]))
 
 
 def test_image_folders_are_cached_and_the_cache_follows_the_files(tmp_path):

@@ -79,7 +79,7 @@ def reference(slow_data, tmp_path_factory):
 
 def start_training(data, work, *extra):
     return subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *map(str, SLOW), '--data-dir', str(data),
-                             *extra], cwd=work, env={**os.environ, **OFFLINE, 'PYTHONUNBUFFERED': '1'},
+                             *map(str, extra)], cwd=work, env={**os.environ, **OFFLINE, 'PYTHONUNBUFFERED': '1'},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -104,6 +104,24 @@ def test_a_signal_saves_a_resumable_checkpoint(signum, code, slow_data, referenc
     assert state['resume']['meter'] is not None, 'expected to stop in the middle of an epoch'
     run_script('train.py', *SLOW, '--data-dir', slow_data, '--resume', cwd=tmp_path)
     assert same_weights(tmp_path / 'model' / 'model_1.pth', reference)
+
+
+def test_fast_recipe_resumes_bit_identical_after_a_signal(slow_data, tmp_path):
+    """The schedule, the momentum buffers, the crops and mirrors and the normalisation all continue exactly."""
+    fast = ('--recipe', 'fast', '--crop-padding', 4, '--batch-size', 64, '--lr', 0.02)
+    run_script('train.py', *SLOW, *fast, '--data-dir', slow_data, '--checkpoint-dir', tmp_path / 'reference',
+               '--log-dir', tmp_path / 'logs', cwd=tmp_path)
+    process = start_training(slow_data, tmp_path, *fast)
+    wait_for_training(process)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert load_weights(tmp_path / 'model' / 'last.pth')['resume']['meter'] is not None
+    run_script('train.py', '--data-dir', slow_data, '--resume', cwd=tmp_path)  # the settings come from last.pth
+    resumed, reference = (load_weights(tmp_path / folder / 'model_1.pth') for folder in ('model', 'reference'))
+    assert resumed['normalize'] == reference['normalize'] and resumed['config']['crop_padding'] == 4
+    assert all(torch.equal(resumed['model'][k], reference['model'][k]) for k in reference['model'])
 
 
 def test_kill_9_at_random_moments_never_leaves_a_bad_checkpoint(slow_data, reference, tmp_path):

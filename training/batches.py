@@ -8,7 +8,9 @@ the same order:
   for data sets too large to hold.
 
 The training order is a fresh permutation every epoch, derived from (seed, epoch) alone, so a run
-is reproducible and a resumed run sees exactly the order an uninterrupted one would.
+is reproducible and a resumed run sees exactly the order an uninterrupted one would. So is the data
+augmentation (random crop and mirror, ``--crop-padding`` / ``--flip``), done on whole batches on the
+device in both ways.
 """
 import hashlib
 import os
@@ -18,10 +20,11 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, Subset
 
 from .data import IMAGE_SIZE, Data
 from .files import atomic_save
+from .recipe import augment, augment_plan
 
 BYTES_PER_IMAGE = 3 * IMAGE_SIZE * IMAGE_SIZE
 CACHE_VERSION = 1
@@ -37,13 +40,36 @@ def as_model_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+class Augmentation:
+    """Random crop (``padding`` > 0) and mirror (``flip``) of every training image, new each epoch."""
+
+    def __init__(self, padding: int, flip: bool, seed: int):
+        self.padding, self.flip, self.seed = padding, flip, seed
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.crop_padding, args.flip, args.seed) if args.crop_padding or args.flip else None
+
+    def plan(self, n: int, epoch: int) -> torch.Tensor:
+        return augment_plan(n, self.seed, epoch, self.padding, self.flip)
+
+    def __call__(self, images_nhwc: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+        return augment(images_nhwc, plan, self.padding)
+
+
 class TensorBatches:
     """Batches gathered from a whole data set held as uint8 images (N x 32 x 32 x 3) on ``device``."""
 
-    def __init__(self, images, labels, batch_size: int, device, shuffle_seed=None, channels_last=True):
+    def __init__(self, images, labels, batch_size: int, device, shuffle_seed=None, channels_last=True,
+                 augmentation: Augmentation = None):
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.seed, self.channels_last = batch_size, shuffle_seed, channels_last
+        self.augmentation = augmentation
         self.epoch = self.skip = 0
+
+    def images_at(self, index: torch.Tensor) -> torch.Tensor:
+        """Some of the images, as ToTensor() gives them (N x 3 x 32 x 32 in [0, 1]), on the CPU."""
+        return self.images[index.to(self.images.device)].permute(0, 3, 1, 2).float().div_(255).cpu()
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Next iteration: epoch ``epoch``'s order, starting after its first ``skip`` batches (resuming)."""
@@ -55,9 +81,13 @@ class TensorBatches:
     def __iter__(self):
         n = len(self.labels)
         order = None if self.seed is None else epoch_order(n, self.seed, self.epoch).to(self.images.device)
+        plan = self.augmentation.plan(n, self.epoch).to(self.images.device) if self.augmentation else None
         for start in range(self.skip * self.batch_size, n, self.batch_size):
             index = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
-            images = self.images[index].permute(0, 3, 1, 2).float().div_(255)  # == ToTensor(), bit for bit
+            images = self.images[index]
+            if plan is not None:  # on uint8, a quarter of the bytes float32 would move
+                images = self.augmentation(images, plan[start:start + self.batch_size])
+            images = images.permute(0, 3, 1, 2).float().div_(255)  # == ToTensor(), bit for bit
             yield as_model_input(images, self.channels_last), self.labels[index]
 
 
@@ -78,7 +108,9 @@ class StreamBatches:
     """The tutorial's DataLoader (``ToTensor()`` per image), shuffled by ``EpochSampler`` when training."""
 
     def __init__(self, dataset, batch_size: int, num_workers: int, pin_memory: bool,
-                 shuffle_seed=None, channels_last=True):
+                 shuffle_seed=None, channels_last=True, augmentation: Augmentation = None):
+        self.dataset, self.batch_size, self.augmentation = dataset, batch_size, augmentation
+        self.epoch = self.skip = 0
         self.sampler = None if shuffle_seed is None else EpochSampler(len(dataset), shuffle_seed, batch_size)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
                                  pin_memory=pin_memory, persistent_workers=num_workers > 0,
@@ -86,20 +118,33 @@ class StreamBatches:
         self.channels_last = channels_last
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
         if self.sampler is not None:
             self.sampler.epoch, self.sampler.skip = epoch, skip
 
     def __len__(self) -> int:
         return len(self.loader)
 
+    def images_at(self, index: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.dataset[i][0] for i in index.tolist()])
+
     def __iter__(self):
+        plan = self.augmentation.plan(len(self.dataset), self.epoch) if self.augmentation else None
+        start = self.skip * self.batch_size
         for images, labels in self.loader:
+            if plan is not None:  # the same crops and mirrors as the memory path, on the CPU here
+                images = self.augmentation(images.permute(0, 2, 3, 1), plan[start:start + len(labels)])
+                images = images.permute(0, 3, 1, 2)
+            start += len(labels)
             yield as_model_input(images, self.channels_last), labels
 
 
 def decode(dataset, threads: int) -> tuple:
     """All of ``dataset`` as (uint8 N x 32 x 32 x 3 images, int64 labels), exactly the values its
     ``ToTensor()`` transform gives (times 255)."""
+    if isinstance(dataset, Subset):
+        images, labels = decode(dataset.dataset, threads)
+        return images[dataset.indices], labels[dataset.indices]
     if isinstance(dataset, torchvision.datasets.CIFAR10):  # already decoded by torchvision: no copy
         return torch.from_numpy(dataset.data), torch.tensor(dataset.targets)
     images = torch.empty(len(dataset), IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8)
@@ -128,6 +173,9 @@ def cache_key(dataset) -> str:
 
 def decode_cached(dataset, cache_dir, split: str, threads: int, say=print) -> tuple:
     """decode(), keeping the result in cache_dir so the next run starts fast (image folders only)."""
+    if isinstance(dataset, Subset):  # --val-size: part of the training set
+        images, labels = decode_cached(dataset.dataset, cache_dir, split, threads, say)
+        return images[dataset.indices], labels[dataset.indices]
     if cache_dir is None or not hasattr(dataset, 'samples'):
         return decode(dataset, threads)
     path = Path(cache_dir) / f'{split}-{cache_key(dataset)}.pt'
@@ -167,15 +215,17 @@ def fits_in_memory(data: Data, device: torch.device) -> bool:
 
 def make_batches(data: Data, args, device: torch.device, say=print) -> tuple:
     """(train batches, test batches) in the way ``args.loader`` asks: auto, memory or stream."""
-    mode = args.loader
+    mode, augmentation = args.loader, Augmentation.from_args(args)
     if mode == 'auto':
         mode = 'memory' if fits_in_memory(data, device) else 'stream'
     if mode == 'memory':
         threads = max(1, min(8, os.cpu_count() or 1))
         train = decode_cached(data.train, data.cache_dir, 'train', threads, say)
-        test = decode_cached(data.test, data.cache_dir, 'test', threads, say)
-        return (TensorBatches(*train, args.batch_size, device, args.seed, args.channels_last),
+        held_out = isinstance(data.test, Subset)  # --val-size: the test images come from the training set
+        test = decode_cached(data.test, data.cache_dir, 'train' if held_out else 'test', threads, say)
+        return (TensorBatches(*train, args.batch_size, device, args.seed, args.channels_last, augmentation),
                 TensorBatches(*test, args.batch_size, device, None, args.channels_last))
     pin = device.type == 'cuda'
-    return (StreamBatches(data.train, args.batch_size, args.num_workers, pin, args.seed, args.channels_last),
+    return (StreamBatches(data.train, args.batch_size, args.num_workers, pin, args.seed, args.channels_last,
+                          augmentation),
             StreamBatches(data.test, args.batch_size, args.num_workers, pin, None, args.channels_last))

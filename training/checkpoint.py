@@ -1,9 +1,11 @@
 """Checkpoints: written atomically, read back with ``torch.load(..., weights_only=True)``.
 
 Files in the checkpoint folder (default ``model/``):
-    model_{i}.pth   after epoch i (from 0), the tutorial's plain ``state_dict``: any old code loads it
-    best.pth        the epoch with the best test accuracy, with class names and the run's settings
-    last.pth        the latest epoch, likewise
+    model_{i}.pth   after epoch i (from 0), the tutorial's plain ``state_dict``: any old code loads it;
+                    with --normalize, a bundle like best.pth (its 'model' is that state_dict)
+    best.pth        the epoch with the best test accuracy, with class names, the normalisation
+                    statistics ('normalize': mean and std, or None) and the run's settings
+    last.pth        the latest epoch, likewise, plus the whole training state
 Only tensors, numbers and strings go in, so loading never has to trust a pickle.
 """
 import os
@@ -94,7 +96,7 @@ def class_names(checkpoint: dict, num_classes: int) -> list:
 
 
 def training_state(model, classes, optimizer, config: dict, run_dir, step: int, next_epoch: int,
-                   best: dict, last_test: dict, meter_state=None) -> dict:
+                   best: dict, last_test: dict, meter_state=None, normalize=None) -> dict:
     """last.pth: the weights and everything needed to continue exactly where training stopped.
 
     ``next_epoch`` is the epoch to continue with; ``meter_state`` is set when it is already under way.
@@ -103,7 +105,7 @@ def training_state(model, classes, optimizer, config: dict, run_dir, step: int, 
     if torch.cuda.is_available():
         rng['cuda'] = torch.cuda.get_rng_state_all()
     return model_bundle(model, classes, **last_test, step=step, config=config, optimizer=optimizer.state_dict(),
-                        best=best, run_dir=str(run_dir), rng=rng,
+                        best=best, run_dir=str(run_dir), rng=rng, normalize=normalize,
                         resume={'epoch': next_epoch, 'meter': meter_state})
 
 

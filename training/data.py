@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 from torchvision.datasets.utils import download_and_extract_archive
 
@@ -53,6 +53,17 @@ def load_data(data_dir, dry_run: bool = False, batch_size: int = 64, seed: int =
     if not root.is_dir() and data_dir != 'dataset':
         raise UserError(f'--data-dir {data_dir}: no such folder')
     return load_cifar10(root)
+
+
+def hold_out(data: Data, size: int) -> Data:
+    """--val-size: ``size`` training images become the evaluation set in place of the test split. They
+    are the same images whatever --seed is, so runs with different seeds or settings compare fairly."""
+    n = len(data.train)
+    if size >= n:
+        raise UserError(f'--val-size {size}: the training set has only {n} images; hold out fewer')
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    return Data(Subset(data.train, sorted(order[size:])), Subset(data.train, sorted(order[:size])), data.classes,
+                f'{data.source} (evaluating on {size} held-out training images, not on test/)', data.cache_dir)
 
 
 def cifar10_offline_help(root: Path) -> str:

@@ -54,13 +54,14 @@ class Meter:
 
 def train_one_epoch(model, loss_fn, optimizer, batches, to_device=keep_device, amp_dtype=None,
                     log_every: int = 100, on_log=None, step: int = 0, meter: Meter = None,
-                    should_stop=None):
+                    should_stop=None, lr_at=None, clip_grad: float = 0.0):
     """Train on every batch once (or until ``should_stop()`` says so, checked after each step).
 
     ``step`` counts batches across epochs, like the tutorial's ``total_train_step``; every ``log_every``
     steps the mean loss since the last log goes to ``on_log(step, loss)`` -- the one CPU-GPU sync --
     and a NaN or infinite loss raises Diverged. ``amp_dtype`` (e.g. torch.bfloat16) runs the forward
-    pass under autocast. Returns (meter, step); ``meter.result()`` gives the epoch's EpochResult."""
+    pass under autocast. ``lr_at(step)``, if given, sets the learning rate of each step (a schedule);
+    ``clip_grad`` > 0 scales the gradients down to at most that norm (no sync: the norm stays on the device). Returns (meter, step); ``meter.result()`` gives the epoch's EpochResult."""
     model.train()
     meter = meter or Meter(next(model.parameters()).device)
     device_type = meter.loss_sum.device.type
@@ -71,6 +72,11 @@ def train_one_epoch(model, loss_fn, optimizer, batches, to_device=keep_device, a
             loss = loss_fn(outputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group['lr'] = lr_at(step)
         optimizer.step()
 
         step += 1

@@ -16,7 +16,8 @@ def evaluation_report(model, classes, data: Data, device, checkpoint: str, mista
     if list(classes) != list(data.classes):
         raise UserError(f'{checkpoint} knows the classes {", ".join(classes[:4])} ..., the data set '
                         f'{", ".join(data.classes[:4])} ...: evaluate it on the data it was trained for (--data-dir)')
-    options = Namespace(loader='auto', batch_size=500, seed=0, num_workers=0, channels_last=True)
+    options = Namespace(loader='auto', batch_size=500, seed=0, num_workers=0, channels_last=True, crop_padding=0,
+                        flip=False)
     _, test_batches = make_batches(data, options, device, say=lambda *a: None)
     model.to(memory_format=torch.channels_last)
     result = evaluate(model, nn.CrossEntropyLoss(), test_batches, keep_outputs=True)

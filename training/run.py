@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -18,9 +19,11 @@ from .batches import make_batches
 from .checkpoint import (load_training_state, model_bundle, prepare_checkpoint_dir, restore, save_checkpoint,
                          training_state)
 from .cli import UserError
-from .data import Data
+from .data import Data, hold_out
 from .device import autocast_dtype
 from .engine import Diverged, Meter, evaluate, keep_device, train_one_epoch
+from .recipe import (RECIPES, SETTINGS, FlipAverage, channel_stats, inference_net, lr_schedule, make_optimizer,
+                     stats_sample)
 
 
 def open_run_dir(log_dir: Path, run_name) -> Path:
@@ -38,14 +41,14 @@ def config_of(args) -> dict:
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-def speed_up(model, args, device: torch.device):
+def speed_up(net, args, device: torch.device):
     """The device's fast paths, each switched by a flag. Returns (the module to call, autocast dtype)."""
     if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+        net.to(memory_format=torch.channels_last)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     amp_dtype = autocast_dtype(args.precision, device)
-    return (torch.compile(model) if args.compile else model), amp_dtype
+    return (torch.compile(net) if args.compile else net), amp_dtype
 
 
 class GracefulStop:
@@ -71,7 +74,20 @@ class GracefulStop:
         return self.signum is not None
 
 
-RESUMED_SETTINGS = ('batch_size', 'lr', 'seed', 'precision', 'channels_last', 'log_interval')
+# what a resumed run keeps from the interrupted one, whatever the command line says
+RESUMED_SETTINGS = ('recipe', *SETTINGS, 'seed', 'val_size', 'precision', 'channels_last', 'log_interval')
+
+
+def restore_settings(args, config: dict, loss_fn, say) -> None:
+    """--resume: continue with the settings the weights were trained with, whatever the command line says."""
+    before_recipes = {'recipe': 'tutorial', 'val_size': 0, **RECIPES['tutorial']}  # older checkpoints lack these
+    for key in RESUMED_SETTINGS:
+        setattr(args, key, config[key] if key in config else before_recipes[key])
+    if args.schedule != 'constant' and args.epochs != config['epochs']:
+        say(f'note: training to epoch {config["epochs"]}, where the interrupted run\'s learning rate schedule ends')
+        args.epochs = config['epochs']
+    if isinstance(loss_fn, nn.CrossEntropyLoss):  # the script made it before the settings were restored
+        loss_fn.label_smoothing = args.label_smoothing
 
 
 class TrainingRun:
@@ -90,13 +106,13 @@ class TrainingRun:
         resumed = None
         if args.resume:
             resume_path, resumed = load_training_state(args.resume, self.checkpoint_dir, device)
-            for key in RESUMED_SETTINGS:  # the settings the weights were trained with
-                setattr(args, key, resumed['config'][key])
+            restore_settings(args, resumed['config'], loss_fn, self.say)
+        if args.val_size:
+            data = self.data = hold_out(data, args.val_size)
         prepare_checkpoint_dir(self.checkpoint_dir)
         self.run_dir = Path(resumed['run_dir']) if resumed else open_run_dir(Path(args.log_dir or 'logs'),
                                                                              args.run_name)
-        self.net, self.amp_dtype = speed_up(model, args, device)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+        self.optimizer = make_optimizer(model, args)
         self.step, self.start_epoch, self.meter_state = 0, 0, None
         self.best = {'accuracy': -1.0, 'epoch': -1}
         self.last_test = {'epoch': -1, 'test_accuracy': None, 'test_loss': None}
@@ -106,12 +122,23 @@ class TrainingRun:
             self.start_epoch, self.meter_state = resumed['resume']['epoch'], resumed['resume']['meter']
             self.last_test = {k: resumed[k] for k in self.last_test}
         self.train_batches, self.test_batches = make_batches(data, args, device, self.say)
+        self.lr_at = lr_schedule(args, args.epochs * len(self.train_batches))
+        self.normalize = None
+        if args.normalize:  # computed once; a resumed run keeps the statistics its weights learned with
+            self.normalize = (resumed or {}).get('normalize') or \
+                channel_stats(self.train_batches.images_at(stats_sample(len(data.train))))
+        # what the engine calls: normalisation (if any) + MyModel, then the device's fast paths; the
+        # checkpoints hold MyModel's own weights, so they load into the tutorial's MyModel
+        self.net, self.amp_dtype = speed_up(inference_net(model, self.normalize).to(device), args, device)
+        self.eval_net = FlipAverage(self.net) if args.tta else self.net
+        self.eval_loss = nn.CrossEntropyLoss()  # the test loss is plain cross-entropy, with any recipe
         self.say(f'data: {data.source}: {len(data.train)} training and {len(data.test)} test images, '
                  f'{len(data.classes)} classes, {type(self.train_batches).__name__}')
         self.say(f'{args.epochs} epochs of {len(self.train_batches)} steps (batch {args.batch_size}, lr {args.lr}, '
                  f'seed {args.seed}, {"bf16 autocast" if self.amp_dtype else "fp32"}'
                  f'{", channels_last" if args.channels_last else ""}{", compiled" if args.compile else ""})'
                  + (f'; resuming {resume_path} at epoch {self.start_epoch + 1}, step {self.step}' if resumed else ''))
+        self.say(f'recipe {args.recipe}: {describe_recipe(args)}')
         self.say(f'TensorBoard: {self.run_dir}/  checkpoints: {self.checkpoint_dir}/')
         # purge_step: a resumed run drops what the interrupted one logged after its checkpoint
         self.writer = SummaryWriter(str(self.run_dir), purge_step=self.step + 1 if resumed else None)
@@ -142,12 +169,13 @@ class TrainingRun:
 
         def log_train_loss(step, loss):
             self.writer.add_scalar('train_loss', loss, step)
+            self.writer.add_scalar('learning_rate', self.optimizer.param_groups[0]['lr'], step)
             bar.set_postfix(loss=f'{loss:.3f}', refresh=False)
 
         try:
             meter, self.step = train_one_epoch(self.net, self.loss_fn, self.optimizer, bar, self.to_device,
                                                self.amp_dtype, self.args.log_interval, log_train_loss, self.step,
-                                               meter, self.stop)
+                                               meter, self.stop, self.lr_at, self.args.clip_grad)
             result = meter.result()  # the epoch's one sync
             if not math.isfinite(result.loss):
                 raise Diverged(self.step, result.loss)
@@ -164,19 +192,23 @@ class TrainingRun:
     def test_and_save(self, epoch: int, train, train_seconds: float):
         """Evaluate, log the epoch, and write model_{epoch}.pth, best.pth when it is the best, and last.pth."""
         last = epoch == self.args.epochs - 1
-        test = evaluate(self.net, self.loss_fn, self.test_batches, self.to_device, self.amp_dtype, keep_outputs=last)
+        test = evaluate(self.eval_net, self.eval_loss, self.test_batches, self.to_device, self.amp_dtype,
+                        keep_outputs=last)
         self.writer.add_scalar('test_loss', test.loss, epoch)
         self.writer.add_scalar('test_accuracy', test.accuracy, epoch)
         with self.timed_logging():
-            tblog.log_epoch(self.writer, epoch, self.model, self.optimizer, train, test, self.data.classes,
+            tblog.log_epoch(self.writer, epoch, self.model, train, test, self.data.classes,
                             train_seconds)
         self.writer.flush()  # so a TensorBoard that is watching sees each epoch as it ends
         self.last_test = {'epoch': epoch, 'test_accuracy': test.accuracy, 'test_loss': test.loss}
-        save_checkpoint(self.model.state_dict(), self.checkpoint_dir / f'model_{epoch}.pth')
+        bundle = model_bundle(self.model, self.data.classes, **self.last_test, step=self.step,
+                              config=config_of(self.args), normalize=self.normalize)
+        # model_{i}.pth is the tutorial's plain state_dict, unless the images must be normalised to use it
+        save_checkpoint(bundle if self.normalize else self.model.state_dict(),
+                        self.checkpoint_dir / f'model_{epoch}.pth')
         if test.accuracy > self.best['accuracy']:
             self.best = {'accuracy': test.accuracy, 'epoch': epoch}
-            save_checkpoint(model_bundle(self.model, self.data.classes, **self.last_test, step=self.step,
-                                         config=config_of(self.args)), self.checkpoint_dir / 'best.pth')
+            save_checkpoint(bundle, self.checkpoint_dir / 'best.pth')
         self.save_state(epoch + 1)
         if last:
             with self.timed_logging():
@@ -186,7 +218,7 @@ class TrainingRun:
     def save_state(self, next_epoch: int, meter: Meter = None) -> None:
         save_checkpoint(training_state(self.model, self.data.classes, self.optimizer, config_of(self.args),
                                        self.run_dir, self.step, next_epoch, self.best, self.last_test,
-                                       meter and meter.state_dict()),
+                                       meter and meter.state_dict(), self.normalize),
                         self.checkpoint_dir / 'last.pth')
 
     def exit_interrupted(self):
@@ -195,6 +227,19 @@ class TrainingRun:
         print(f'interrupted: training state saved in {self.checkpoint_dir / "last.pth"} (step {self.step}); '
               f'continue with: python {script} --resume{where}', file=sys.stderr)
         sys.exit(128 + self.stop.signum)
+
+
+def describe_recipe(args) -> str:
+    sgd = f'SGD momentum {args.momentum}{" (Nesterov)" if args.nesterov else ""}' if args.momentum else 'plain SGD'
+    parts = [sgd,
+             f'weight decay {args.weight_decay}' if args.weight_decay else None,
+             f'{args.schedule} schedule' + (f' ({args.warmup:.0%} warm-up)' if args.warmup else ''),
+             f'label smoothing {args.label_smoothing}' if args.label_smoothing else None,
+             f'gradients clipped to norm {args.clip_grad}' if args.clip_grad else None,
+             'normalised inputs' if args.normalize else None,
+             f'random crops (padding {args.crop_padding})' if args.crop_padding else None,
+             'random mirroring' if args.flip else None, 'mirror TTA' if args.tta else None]
+    return ', '.join(p for p in parts if p)
 
 
 def quiet_writer_thread(stack: ExitStack) -> None:

@@ -71,10 +71,9 @@ def log_run_start(writer, model, dataset, classes, example: torch.Tensor) -> Non
         print(f'note: the model graph was not logged ({type(e).__name__}: {e})')
 
 
-def log_epoch(writer, epoch: int, model, optimizer, train, test, classes, seconds: float) -> None:
-    """Per epoch: learning rate, time, speed, train accuracy, per-class accuracy, confusion matrix,
+def log_epoch(writer, epoch: int, model, train, test, classes, seconds: float) -> None:
+    """Per epoch: time, speed, train accuracy, per-class accuracy, confusion matrix,
     and histograms of the weights and of the last step's gradients."""
-    writer.add_scalar('learning_rate', optimizer.param_groups[0]['lr'], epoch)
     writer.add_scalar('epoch_seconds', seconds, epoch)
     writer.add_scalar('images_per_second', train.images / max(seconds, 1e-9), epoch)
     writer.add_scalar('train_accuracy', train.accuracy, epoch)

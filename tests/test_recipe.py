@@ -1,0 +1,168 @@
+"""--recipe fast: its ingredients one by one, and a real run whose checkpoints test.py uses as trained."""
+import json
+from argparse import Namespace
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import CLASSES, ROOT, load_weights, run_script
+from model import MyModel
+from test_robustness import PREDICT, TRAIN, fails_cleanly
+from test_training import scalars
+from training.cli import training_parser
+from training.data import CIFAR10  # torchvision's loader, without the MD5 check of the official files
+from training.recipe import (RECIPES, FlipAverage, Normalize, channel_stats, inference_net, lr_schedule,
+                             make_optimizer)
+
+FAST = ('--recipe', 'fast', '--epochs', 2, '--batch-size', 16, '--lr', 0.02,  # 0.05 is for batches of 128
+        '--log-interval', 5, '--precision', 'fp32')
+
+
+def parse(*argv):
+    return training_parser('', epochs=10).parse_args([str(a) for a in argv])
+
+
+def test_the_default_recipe_is_still_the_tutorials():
+    args = parse()
+    assert (args.recipe, args.batch_size, args.lr, args.momentum, args.weight_decay) == ('tutorial', 64, 0.01, 0, 0)
+    assert not (args.nesterov or args.normalize or args.flip or args.crop_padding or args.tta)
+    assert (args.schedule, args.label_smoothing) == ('constant', 0)
+
+
+def test_a_recipe_fills_only_the_flags_not_given():
+    args = parse('--recipe', 'fast', '--lr', 0.02, '--no-flip', '--crop-padding', 0)
+    assert (args.lr, args.flip, args.crop_padding) == (0.02, False, 0)
+    assert {k: getattr(args, k) for k in RECIPES['fast'] if k not in ('lr', 'flip', 'crop_padding')} == \
+        {k: v for k, v in RECIPES['fast'].items() if k not in ('lr', 'flip', 'crop_padding')}
+    assert parse('--momentum', 0.9, '--nesterov').nesterov  # an ingredient on its own, tutorial otherwise
+
+
+@pytest.mark.parametrize('argv, fragments', [
+    (['--nesterov'], ['--nesterov', 'momentum']),
+    (['--warmup', '1'], ['--warmup', 'less than 1']),
+    (['--label-smoothing', '-0.1'], ['--label-smoothing']),
+    (['--momentum', '-1'], ['--momentum', '>= 0']),
+    (['--weight-decay', 'x'], ['--weight-decay', 'number']),
+    (['--recipe', 'best'], ['--recipe']),
+    (['--schedule', 'step'], ['--schedule']),
+])
+def test_bad_recipe_flags(argv, fragments, capsys):
+    fails_cleanly(TRAIN, argv, capsys, *fragments)
+
+
+def test_val_size_larger_than_the_training_set(cifar_dir, tmp_path, capsys):
+    fails_cleanly(TRAIN, ['--data-dir', cifar_dir, '--checkpoint-dir', tmp_path, '--val-size', 1000], capsys,
+                  '--val-size 1000', 'only 1000')
+
+
+@pytest.mark.parametrize('schedule', ['onecycle', 'cosine'])
+def test_schedules_warm_up_to_the_peak_then_fall_to_zero(schedule):
+    lr_at = lr_schedule(Namespace(schedule=schedule, lr=0.05, warmup=0.2), total_steps=100)
+    rates = [lr_at(step) for step in range(100)]
+    assert rates[:20] == pytest.approx([0.05 * (s + 1) / 20 for s in range(20)])
+    assert max(rates) == pytest.approx(0.05) and rates.index(max(rates)) in (19, 20)
+    assert all(a >= b for a, b in zip(rates[20:], rates[21:])) and rates[-1] < 0.003
+    assert lr_schedule(Namespace(schedule='constant', lr=0.05, warmup=0.0), 100) is None
+
+
+def test_weight_decay_shrinks_weights_but_not_biases():
+    model = MyModel()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)).step()
+    for name, p in model.named_parameters():
+        if name.endswith('bias'):
+            assert torch.equal(p, before[name]), name
+        else:  # zero gradient: the step is the decay alone, lr * (1 + momentum) * wd * w with Nesterov
+            assert torch.allclose(p, before[name] * (1 - 0.1 * 1.9 * 0.01)), name
+
+
+def test_normalisation_statistics_and_module():
+    images = torch.rand(200, 3, 8, 8) * torch.tensor([0.5, 1.0, 0.2]).view(1, 3, 1, 1)
+    stats = channel_stats(images)
+    normalised = Normalize(**stats)(images)
+    assert normalised.mean((0, 2, 3)).abs().max() < 1e-5
+    assert (normalised.std((0, 2, 3)) - 1).abs().max() < 1e-4
+
+
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
+    torch.manual_seed(0)
+    model, images = MyModel().eval(), torch.rand(4, 3, 32, 32)
+    expected = (model(images) + model(torch.flip(images, [3]))) / 2
+    assert torch.allclose(FlipAverage(model)(images), expected)
+    assert inference_net(model) is model  # the tutorial's checkpoints: nothing added
+
+
+@pytest.fixture(scope='module')
+def fast_run(cifar_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp('fast')
+    device = () if torch.cuda.is_available() else ('--device', 'cpu')
+    return work, run_script('train_gpu_2.py', *FAST, '--data-dir', cifar_dir, *device, '--run-name', 'run', cwd=work)
+
+
+def test_fast_run_saves_the_normalisation_in_every_checkpoint(fast_run, cifar_dir):
+    work, result = fast_run
+    assert 'recipe fast: SGD momentum 0.9 (Nesterov), weight decay 0.0005, onecycle schedule' in result.stdout
+    train = CIFAR10(str(cifar_dir), train=True)  # 1,000 images: the statistics use all
+    pixels = torch.from_numpy(train.data).double().div(255)  # training divides in float32: equal to ~1e-8
+    for name in ('model_0.pth', 'model_1.pth', 'best.pth', 'last.pth'):
+        bundle = load_weights(work / 'model' / name)
+        assert bundle['normalize']['mean'] == pytest.approx(pixels.mean((0, 1, 2)).tolist(), abs=1e-7)
+        assert bundle['normalize']['std'] == pytest.approx(pixels.std((0, 1, 2)).tolist(), abs=1e-7)
+        assert bundle['classes'] == CLASSES and bundle['config']['recipe'] == 'fast'
+        MyModel().load_state_dict(bundle['model'])  # still the tutorial's MyModel, key for key
+    lr = [v for _, v in scalars(work / 'logs' / 'run', 'learning_rate')]
+    peak = lr.index(max(lr))
+    assert max(lr) == pytest.approx(0.02, rel=0.1) and 0 < peak < len(lr) - 1 and lr[-1] < 0.01
+
+
+def test_test_py_evaluates_the_fast_checkpoint_as_training_did(fast_run, cifar_dir):
+    """test.py --eval, with the checkpoint's normalisation and mirror TTA, reproduces the training log's
+    accuracy; without TTA it equals an evaluation written out by hand from the torchvision loader."""
+    work, _ = fast_run
+    best = load_weights(work / 'model' / 'best.pth')
+    report = json.loads(run_script('test.py', '--eval', '--json', '--checkpoint', work / 'model' / 'best.pth',
+                                   '--data-dir', cifar_dir, '--device', 'cpu', cwd=work).stdout)
+    assert report['accuracy'] == pytest.approx(best['test_accuracy'], abs=1e-9) and best['config']['tta']
+
+    plain = json.loads(run_script('test.py', '--eval', '--json', '--no-tta', '--checkpoint', work / 'model' /
+                                  'best.pth', '--data-dir', cifar_dir, '--device', 'cpu', cwd=work).stdout)
+    test = CIFAR10(str(cifar_dir), train=False)
+    images = torch.from_numpy(test.data).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(best['normalize'][k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
+    model = MyModel().eval()
+    model.load_state_dict(best['model'])
+    with torch.no_grad():
+        predicted = model((images - mean) / std).argmax(1)
+    assert plain['accuracy'] == pytest.approx((predicted == torch.tensor(test.targets)).float().mean().item())
+
+
+def test_test_py_normalises_a_photo_for_a_fast_checkpoint(fast_run):
+    work, _ = fast_run
+    checkpoint = load_weights(work / 'model' / 'best.pth')
+    out = json.loads(run_script('test.py', ROOT / 'images' / 'cat.jpg', '--json',
+                                '--no-tta', '--top-k', 10, '--checkpoint', work / 'model' / 'best.pth',
+                                '--device', 'cpu', cwd=work).stdout)
+    model = MyModel().eval()
+    model.load_state_dict(checkpoint['model'])
+    image = PREDICT.load_image(ROOT / 'images' / 'cat.jpg')[None]
+    with torch.no_grad():
+        expected = nn.Sequential(Normalize(**checkpoint['normalize']), model)(image).softmax(1)[0]
+    assert out['normalize'] == checkpoint['normalize'] and out['tta'] is False
+    got = {t['class']: t['probability'] for t in out['predictions'][0]['top']}
+    assert [got[name] for name in CLASSES] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_compare_recipes_reports_what_the_runs_logged(cifar_dir, tmp_path):
+    """A constant-rate recipe is run once at the longest length and read at every length asked for."""
+    result = run_script('compare_recipes.py', '--data-dir', cifar_dir, '--recipes', 'tutorial', '--epochs', 1, 2,
+                        '--seeds', 0, '--device', 'cpu', '--out', tmp_path / 'runs', cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / 'runs').iterdir()) == ['tutorial-2ep-seed0']
+    logged = [v for _, v in scalars(tmp_path / 'runs' / 'tutorial-2ep-seed0' / 'logs' / 'run', 'test_accuracy')]
+    rows = [line for line in result.stdout.splitlines() if line.startswith('| tutorial |')]
+    assert [row.split('|')[4].split('%')[0].strip() for row in rows[-2:]] == [f'{100 * v:.2f}' for v in logged]
+    again = run_script('compare_recipes.py', '--data-dir', cifar_dir, '--recipes', 'tutorial', '--epochs', 1, 2,
+                       '--seeds', 0, '--device', 'cpu', '--out', tmp_path / 'runs', cwd=tmp_path)
+    assert '...' not in again.stdout and again.stdout.splitlines()[-2:] == result.stdout.splitlines()[-2:]
