@@ -9,8 +9,8 @@ the same order:
 
 The training order is a fresh permutation every epoch, derived from (seed, epoch) alone, so a run
 is reproducible and a resumed run sees exactly the order an uninterrupted one would. So is the data
-augmentation (random crop and mirror, ``--crop-padding`` / ``--flip``), done on whole batches on the
-device in both ways.
+augmentation (random crop and mirror, ``--crop-padding`` / ``--flip``): whole batches at a time, on the
+device in the memory path, on the CPU in the stream path, with the same result.
 """
 import hashlib
 import os
@@ -142,9 +142,6 @@ class StreamBatches:
 def decode(dataset, threads: int) -> tuple:
     """All of ``dataset`` as (uint8 N x 32 x 32 x 3 images, int64 labels), exactly the values its
     ``ToTensor()`` transform gives (times 255)."""
-    if isinstance(dataset, Subset):
-        images, labels = decode(dataset.dataset, threads)
-        return images[dataset.indices], labels[dataset.indices]
     if isinstance(dataset, torchvision.datasets.CIFAR10):  # already decoded by torchvision: no copy
         return torch.from_numpy(dataset.data), torch.tensor(dataset.targets)
     images = torch.empty(len(dataset), IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8)
