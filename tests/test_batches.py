@@ -8,7 +8,8 @@ from PIL import Image
 from conftest import write_cifar10, write_image_folders
 from torchvision.transforms import functional as TF
 
-from training.batches import StreamBatches, TensorBatches, cache_key, make_batches
+from training import batches
+from training.batches import StreamBatches, TensorBatches, cache_key, decode_cached, make_batches
 from training.data import hold_out, load_data
 from training.recipe import augment, augment_plan
 
@@ -86,9 +87,13 @@ def test_augmented_epochs_differ_and_a_resumed_epoch_continues_the_same_way(data
     assert not torch.equal(epoch_0[0][0], all_batches(plain, 0)[0][0])  # the images really changed
 
 
-def test_validation_split_is_held_out_of_the_training_set(data):
+def test_validation_split_is_held_out_of_the_training_set(data, monkeypatch):
     held = hold_out(data, 7)
+    loads = []
+    monkeypatch.setattr(batches, 'decode_cached', lambda dataset, *rest: loads.append(dataset) or
+                        decode_cached(dataset, *rest))
     fast, fast_val = make_batches(held, options(), CPU, say=lambda *a: None)
+    assert loads == [data.train]  # both splits are cut from one decoded training set
     slow, slow_val = make_batches(held, options(loader='stream'), CPU)
     assert len(held.train) + len(held.test) == len(data.train) and len(held.test) == 7
     assert not set(held.train.indices) & set(held.test.indices)

@@ -170,9 +170,6 @@ def cache_key(dataset) -> str:
 
 def decode_cached(dataset, cache_dir, split: str, threads: int, say=print) -> tuple:
     """decode(), keeping the result in cache_dir so the next run starts fast (image folders only)."""
-    if isinstance(dataset, Subset):  # --val-size: part of the training set
-        images, labels = decode_cached(dataset.dataset, cache_dir, split, threads, say)
-        return images[dataset.indices], labels[dataset.indices]
     if cache_dir is None or not hasattr(dataset, 'samples'):
         return decode(dataset, threads)
     path = Path(cache_dir) / f'{split}-{cache_key(dataset)}.pt'
@@ -217,9 +214,16 @@ def make_batches(data: Data, args, device: torch.device, say=print) -> tuple:
         mode = 'memory' if fits_in_memory(data, device) else 'stream'
     if mode == 'memory':
         threads = max(1, min(8, os.cpu_count() or 1))
-        train = decode_cached(data.train, data.cache_dir, 'train', threads, say)
-        held_out = isinstance(data.test, Subset)  # --val-size: the test images come from the training set
-        test = decode_cached(data.test, data.cache_dir, 'train' if held_out else 'test', threads, say)
+        decoded = {}  # --val-size: both splits are parts of the training set, which is decoded once
+
+        def tensors(dataset, split):
+            whole = dataset.dataset if isinstance(dataset, Subset) else dataset
+            if id(whole) not in decoded:
+                decoded[id(whole)] = decode_cached(whole, data.cache_dir, split, threads, say)
+            images, labels = decoded[id(whole)]
+            return (images, labels) if whole is dataset else (images[dataset.indices], labels[dataset.indices])
+
+        train, test = tensors(data.train, 'train'), tensors(data.test, 'test')
         return (TensorBatches(*train, args.batch_size, device, args.seed, args.channels_last, augmentation),
                 TensorBatches(*test, args.batch_size, device, None, args.channels_last))
     pin = device.type == 'cuda'
