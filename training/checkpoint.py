@@ -20,6 +20,7 @@ from model import MyModel
 from .cli import UserError
 from .data import CIFAR10_CLASSES
 from .files import atomic_save
+from .recipe import RECIPES, SETTINGS
 
 FORMAT = 'mymodel-checkpoint-v1'
 
@@ -120,6 +121,24 @@ def load_training_state(resume: str, checkpoint_dir: Path, device) -> tuple:
         raise UserError(f'--resume {path}: it holds weights only, no training state; resume from a '
                         f'last.pth written by the training scripts')
     return path, checkpoint
+
+
+# what a resumed run keeps from the interrupted one, whatever the command line says
+RESUMED_SETTINGS = ('recipe', *SETTINGS, 'seed', 'val_size', 'precision', 'channels_last', 'log_interval')
+
+
+def restore_settings(args) -> None:
+    """--resume: set ``args`` to the settings the weights were trained with, whatever the command line says."""
+    _, checkpoint = load_training_state(args.resume, Path(args.checkpoint_dir or 'model'), 'cpu')
+    config = checkpoint['config']
+    before_recipes = {'recipe': 'tutorial', 'val_size': 0, **RECIPES['tutorial']}  # older checkpoints lack these
+    for key in RESUMED_SETTINGS:
+        setattr(args, key, config[key] if key in config else before_recipes[key])
+    if args.schedule != 'constant' and args.epochs != config['epochs']:
+        if not args.quiet:
+            print(f'note: training to epoch {config["epochs"]}, where the interrupted run\'s learning rate '
+                  f'schedule ends')
+        args.epochs = config['epochs']
 
 
 def restore(checkpoint: dict, model, optimizer, classes, source) -> None:

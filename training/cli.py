@@ -18,11 +18,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class TrainingParser(ArgumentParser):
-    """Fills in the --recipe defaults of the flags not given, then checks that they fit together."""
+    """Fills in the --recipe defaults of the flags not given, then checks that they fit together. With
+    --resume, the interrupted run's settings replace them, before the script builds anything from them."""
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
         apply_recipe(parsed)
+        if parsed.resume:
+            if parsed.dry_run:
+                self.error('--dry-run checks the setup from scratch and cannot --resume; drop one of them')
+            from .checkpoint import restore_settings  # here: checkpoint.py needs this module's UserError
+            restore_settings(parsed)
         if parsed.nesterov and parsed.momentum == 0:
             self.error('--nesterov needs momentum: give --momentum (e.g. 0.9) or --no-nesterov')
         return parsed

@@ -22,8 +22,7 @@ from .cli import UserError
 from .data import Data, hold_out
 from .device import autocast_dtype
 from .engine import Diverged, Meter, evaluate, keep_device, train_one_epoch
-from .recipe import (RECIPES, SETTINGS, FlipAverage, channel_stats, inference_net, lr_schedule, make_optimizer,
-                     stats_sample)
+from .recipe import FlipAverage, channel_stats, inference_net, lr_schedule, make_optimizer, stats_sample
 
 
 def open_run_dir(log_dir: Path, run_name) -> Path:
@@ -74,22 +73,6 @@ class GracefulStop:
         return self.signum is not None
 
 
-# what a resumed run keeps from the interrupted one, whatever the command line says
-RESUMED_SETTINGS = ('recipe', *SETTINGS, 'seed', 'val_size', 'precision', 'channels_last', 'log_interval')
-
-
-def restore_settings(args, config: dict, loss_fn, say) -> None:
-    """--resume: continue with the settings the weights were trained with, whatever the command line says."""
-    before_recipes = {'recipe': 'tutorial', 'val_size': 0, **RECIPES['tutorial']}  # older checkpoints lack these
-    for key in RESUMED_SETTINGS:
-        setattr(args, key, config[key] if key in config else before_recipes[key])
-    if args.schedule != 'constant' and args.epochs != config['epochs']:
-        say(f'note: training to epoch {config["epochs"]}, where the interrupted run\'s learning rate schedule ends')
-        args.epochs = config['epochs']
-    if isinstance(loss_fn, nn.CrossEntropyLoss):  # the script made it before the settings were restored
-        loss_fn.label_smoothing = args.label_smoothing
-
-
 class TrainingRun:
     """One training run: the state that lives across epochs, and one method per phase of an epoch."""
 
@@ -105,8 +88,7 @@ class TrainingRun:
         self.checkpoint_dir = Path(args.checkpoint_dir or 'model')
         resumed = None
         if args.resume:
-            resume_path, resumed = load_training_state(args.resume, self.checkpoint_dir, device)
-            restore_settings(args, resumed['config'], loss_fn, self.say)
+            resume_path, resumed = load_training_state(args.resume, self.checkpoint_dir, device)  # args has its settings
         if args.val_size:
             data = self.data = hold_out(data, args.val_size)
         prepare_checkpoint_dir(self.checkpoint_dir)
