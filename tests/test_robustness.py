@@ -343,7 +343,7 @@ def test_a_pickle_that_runs_code_is_refused_and_never_runs(tmp_path, capsys, mon
     torch.save({'model.0.weight': Payload()}, tmp_path / 'evil.pth')
     assert not (tmp_path / 'PWNED').exists()
     fails_cleanly(PREDICT, [ROOT / 'images' / 'dog.png', '--checkpoint', tmp_path / 'evil.pth'], capsys, 'refused')
-    fails_cleanly(TRAIN, ['--dry-run', '--resume', tmp_path / 'evil.pth'], capsys, 'refused')
+    fails_cleanly(TRAIN, ['--resume', tmp_path / 'evil.pth', '--data-dir', tmp_path], capsys, 'refused')  # at parsing
     assert not (tmp_path / 'PWNED').exists()
 
 
