@@ -6,8 +6,9 @@
     python test.py --json                            # machine-readable, for any of the above
 
 Any size or format Pillow reads (PNG, JPEG, GIF, WebP, BMP, TIFF ...) is shrunk to 32x32 as CIFAR-10
-images are, then normalised with the statistics the checkpoint was trained with (--recipe fast). Checkpoints load with map_location (a GPU-trained model works on a CPU-only machine)
-and weights_only=True (a checkpoint can never run code). A folder argument means every image in it.
+images are, then normalised with the statistics the checkpoint was trained with (--recipe fast).
+Checkpoints load with map_location (a GPU-trained model works on a CPU-only machine) and
+weights_only=True (a checkpoint can never run code). A folder argument means every image in it.
 """
 import argparse
 import json

@@ -61,7 +61,8 @@ def train_one_epoch(model, loss_fn, optimizer, batches, to_device=keep_device, a
     steps the mean loss since the last log goes to ``on_log(step, loss)`` -- the one CPU-GPU sync --
     and a NaN or infinite loss raises Diverged. ``amp_dtype`` (e.g. torch.bfloat16) runs the forward
     pass under autocast. ``lr_at(step)``, if given, sets the learning rate of each step (a schedule);
-    ``clip_grad`` > 0 scales the gradients down to at most that norm (no sync: the norm stays on the device). Returns (meter, step); ``meter.result()`` gives the epoch's EpochResult."""
+    ``clip_grad`` > 0 scales the gradients down to at most that norm (no sync: the norm stays on the
+    device). Returns (meter, step); ``meter.result()`` gives the epoch's EpochResult."""
     model.train()
     meter = meter or Meter(next(model.parameters()).device)
     device_type = meter.loss_sum.device.type

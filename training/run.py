@@ -88,7 +88,8 @@ class TrainingRun:
         self.checkpoint_dir = Path(args.checkpoint_dir or 'model')
         resumed = None
         if args.resume:
-            resume_path, resumed = load_training_state(args.resume, self.checkpoint_dir, device)  # args has its settings
+            # the flags already hold its settings (restored when they were parsed)
+            resume_path, resumed = load_training_state(args.resume, self.checkpoint_dir, device)
         if args.val_size:
             data = self.data = hold_out(data, args.val_size)
         prepare_checkpoint_dir(self.checkpoint_dir)
