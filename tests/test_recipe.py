@@ -38,6 +38,13 @@ def test_a_recipe_fills_only_the_flags_not_given():
     assert parse('--momentum', 0.9, '--nesterov').nesterov  # an ingredient on its own, tutorial otherwise
 
 
+def test_fast_crops_only_runs_long_enough_to_profit_from_them():
+    from_epochs = RECIPES['fast']['crop_padding'].epochs
+    assert parse('--recipe', 'fast', '--epochs', from_epochs - 1).crop_padding == 0
+    assert parse('--recipe', 'fast', '--epochs', from_epochs).crop_padding == 4
+    assert parse('--recipe', 'fast', '--epochs', 3, '--crop-padding', 2).crop_padding == 2  # a flag given wins
+
+
 @pytest.mark.parametrize('argv, fragments', [
     (['--nesterov'], ['--nesterov', 'momentum']),
     (['--warmup', '1'], ['--warmup', 'less than 1']),
