@@ -125,16 +125,21 @@ def test_fast_run_saves_the_normalisation_in_every_checkpoint(fast_run, cifar_di
     assert max(lr) == pytest.approx(0.02, rel=0.1) and 0 < peak < len(lr) - 1 and lr[-1] < 0.01
 
 
-def test_resume_takes_the_interrupted_runs_settings_before_the_script_uses_them(fast_run, capsys):
+def test_resume_takes_the_interrupted_runs_settings_before_the_script_uses_them(fast_run, tmp_path, capsys):
     """The script builds its loss (label smoothing) from the parsed flags: they must already be last.pth's."""
     work, _ = fast_run
-    last = work / 'model' / 'last.pth'
-    args = parse('--resume', last, '--recipe', 'tutorial', '--lr', 1, '--label-smoothing', 0, '--epochs', 9)
-    config = load_weights(last)['config']
-    assert {k: getattr(args, k) for k in RECIPES['fast']} == {k: config[k] for k in RECIPES['fast']}
+    state = load_weights(work / 'model' / 'last.pth')
+    state['resume']['epoch'] = 1  # as if stopped after its first epoch
+    torch.save(state, tmp_path / 'last.pth')
+    args = parse('--resume', tmp_path / 'last.pth', '--recipe', 'tutorial', '--lr', 1, '--label-smoothing', 0,
+                 '--epochs', 9)
+    assert {k: getattr(args, k) for k in RECIPES['fast']} == {k: state['config'][k] for k in RECIPES['fast']}
     assert (args.recipe, args.label_smoothing, args.lr) == ('fast', 0.1, 0.02)
     assert args.epochs == 2 and 'training to epoch 2' in capsys.readouterr().out  # where the schedule ends
-    fails_cleanly(TRAIN, ['--resume', last, '--dry-run'], capsys, '--dry-run', '--resume')
+    fails_cleanly(TRAIN, ['--resume', tmp_path / 'last.pth', '--dry-run'], capsys, '--dry-run', '--resume')
+    # the real run finished its schedule: it cannot be stretched to more epochs
+    fails_cleanly(TRAIN, ['--resume', work / 'model' / 'last.pth', '--epochs', 9], capsys, 'finished all 2 epochs',
+                  'new run')
 
 
 def test_test_py_evaluates_the_fast_checkpoint_as_training_did(fast_run, cifar_dir):

@@ -129,12 +129,16 @@ RESUMED_SETTINGS = ('recipe', *SETTINGS, 'seed', 'val_size', 'precision', 'chann
 
 def restore_settings(args) -> None:
     """--resume: set ``args`` to the settings the weights were trained with, whatever the command line says."""
-    _, checkpoint = load_training_state(args.resume, Path(args.checkpoint_dir or 'model'), 'cpu')
+    path, checkpoint = load_training_state(args.resume, Path(args.checkpoint_dir or 'model'), 'cpu')
     config = checkpoint['config']
     before_recipes = {'recipe': 'tutorial', 'val_size': 0, **RECIPES['tutorial']}  # older checkpoints lack these
     for key in RESUMED_SETTINGS:
         setattr(args, key, config[key] if key in config else before_recipes[key])
     if args.schedule != 'constant' and args.epochs != config['epochs']:
+        if checkpoint['resume']['epoch'] >= config['epochs']:
+            raise UserError(f'--resume: {path} finished all {config["epochs"]} epochs of its {args.schedule} '
+                            f'learning rate schedule, which cannot be stretched; for {args.epochs} epochs start '
+                            f'a new run (without --resume)')
         if not args.quiet:
             print(f'note: training to epoch {config["epochs"]}, where the interrupted run\'s learning rate '
                   f'schedule ends')
