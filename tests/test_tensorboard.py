@@ -11,7 +11,8 @@ import pytest
 
 pytest.importorskip('tensorboard')
 
-PER_EPOCH_SCALARS = ['test_loss', 'test_accuracy', 'train_accuracy', 'train_loss_epoch', 'epoch_seconds', 'images_per_second', 'test_accuracy_per_class/cat']
+PER_EPOCH_SCALARS = ['test_loss', 'test_accuracy', 'train_accuracy', 'train_loss_epoch', 'epoch_seconds',
+                     'images_per_second', 'test_accuracy_per_class/cat']
 
 
 def free_port() -> int:
