@@ -19,13 +19,14 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from training.cli import ArgumentParser, non_negative_int, positive_int, run
+from training.errors import UserError
 from training.recipe import RECIPES
 
 HERE = Path(__file__).resolve().parent
 
 
 def train(recipe: str, epochs: int, seed: int, args) -> Path:
-    """One run (unless it already finished); returns its TensorBoard folder."""
+    """One run (unless it already finished); returns its TensorBoard folder, as its last.pth names it."""
     folder = Path(args.out) / f'{recipe}-{epochs}ep-seed{seed}'
     last = folder / 'model' / 'last.pth'
     done = last.is_file() and torch.load(last, weights_only=True)['resume']['epoch'] == epochs
@@ -37,8 +38,8 @@ def train(recipe: str, epochs: int, seed: int, args) -> Path:
                    '--log-dir', str(folder / 'logs'), '--run-name', 'run', '--quiet', *resume]
         print(f'{recipe}, {epochs} epochs, seed {seed} ...', flush=True)
         if subprocess.run(command).returncode != 0:
-            sys.exit(f'failed: {" ".join(command)}')
-    return folder / 'logs' / 'run'
+            raise UserError(f'failed: {" ".join(command)}')
+    return Path(torch.load(last, weights_only=True)['run_dir'])
 
 
 def curve(run_dir: Path) -> tuple:

@@ -21,9 +21,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import transforms
 
 from training.checkpoint import build_model, class_names, load_checkpoint, newest_checkpoint
-from training.cli import ArgumentParser, UserError, positive_int, run
+from training.cli import ArgumentParser, positive_int, run
 from training.data import CHINESE_NAMES, IMAGE_SIZE, load_data
 from training.device import select_device
+from training.errors import UserError
 from training.recipe import inference_net
 from training.report import evaluation_report, format_report
 
@@ -95,8 +96,8 @@ def classify(model, classes, paths, device, top_k: int) -> list:
     with torch.no_grad():
         probabilities = model(images).float().softmax(dim=1).cpu()
     top_p, top_i = probabilities.topk(min(top_k, len(classes)), dim=1)
-    return [{'image': str(path), 'top': [{'class': classes[i], 'chinese': CHINESE_NAMES.get(classes[i]), 'probability': p}
-                                         for p, i in zip(ps, idx)]}
+    return [{'image': str(path), 'top': [{'class': classes[i], 'chinese': CHINESE_NAMES.get(classes[i]),
+                                          'probability': p} for p, i in zip(ps, idx)]}
             for path, ps, idx in zip(paths, top_p.tolist(), top_i.tolist())]
 
 

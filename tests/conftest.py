@@ -1,7 +1,12 @@
-"""Shared helpers: small generated data sets in the real on-disk formats, and running the real scripts.
+"""Shared helpers: small generated data sets in the real on-disk formats, and the project's scripts run
+either in this process (their real ``main(argv)`` behind the command line's error handler: fast) or as
+subprocesses (where signals, exit codes or a fresh interpreter are the point).
 
-Nothing here touches the network: every script runs with a proxy that points at a closed local port.
+Nothing here touches the network: every subprocess runs with a proxy that points at a closed local port.
 """
+import contextlib
+import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -9,16 +14,67 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from datagen import CLASSES, write_cifar10, write_image_folders  # noqa: F401  (used by the test modules)
+from training.cli import run
+from training.datagen import CLASSES, write_cifar10, write_image_folders  # noqa: F401  (for the test modules)
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE = {'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:9',
            'HTTP_PROXY': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9', 'no_proxy': ''}
+SCRIPTS = ['train.py', 'train_gpu_1.py', 'train_gpu_2.py']
+TRAIN_FLAGS = ('--epochs', 2, '--batch-size', 16, '--lr', 0.02, '--log-interval', 5,  # 63 steps an epoch
+               '--precision', 'fp32')  # bit-for-bit comparisons are made in fp32
+CPU = ('--device', 'cpu') if torch.cuda.is_available() else ()  # for train_gpu_2.py where a test needs the CPU
+
+
+def load_script(name: str):
+    """A top-level script as a module (test.py cannot be imported by name: Python has a `test` package)."""
+    spec = importlib.util.spec_from_file_location(Path(name).stem + '_script', ROOT / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPT_MODULES = {}
+
+
+def script_module(name: str):
+    if name not in SCRIPT_MODULES:
+        SCRIPT_MODULES[name] = load_script(name)
+    return SCRIPT_MODULES[name]
+
+
+@contextlib.contextmanager
+def working_directory(path):
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def run_main(script: str, *args, cwd: Path, check: bool = True):
+    """``script``'s main(args) in this process, from ``cwd``, through the same error handler as the command
+    line; returns a CompletedProcess (exit code, stdout, stderr), like run_script."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(a) for a in args]
+    with working_directory(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run(lambda: script_module(script).main(argv))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    result = subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f'{script} {" ".join(argv)} exited {code}\n--- stdout\n{result.stdout}\n'
+                             f'--- stderr\n{result.stderr}')
+    return result
 
 
 def run_script(script: str, *args, cwd: Path, check: bool = True, timeout: float = 300, env=None):
-    """Run one of the project's scripts as a user would, from ``cwd``; returns the CompletedProcess."""
+    """Run one of the project's scripts as a user would, in a new process, from ``cwd``."""
     full_env = {**os.environ, **OFFLINE, 'PYTHONUNBUFFERED': '1', **(env or {})}
     result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=full_env,
                             capture_output=True, text=True, timeout=timeout)
@@ -28,9 +84,16 @@ def run_script(script: str, *args, cwd: Path, check: bool = True, timeout: float
     return result
 
 
-def assert_clean_error(result, *fragments):
+def start_script(script: str, *args, cwd: Path, **popen):
+    """A script started in a new process, its output readable line by line as it comes."""
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+                            env={**os.environ, **OFFLINE, 'PYTHONUNBUFFERED': '1'}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def assert_clean_error(result, *fragments, code: int = 2):
     """A user error: exit code 2, one line on stderr that names the problem, no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert 'Traceback' not in result.stderr + result.stdout
@@ -39,18 +102,32 @@ def assert_clean_error(result, *fragments):
     return lines[0]
 
 
+def fails_cleanly(script: str, argv, tmp_path: Path, *fragments):
+    """main(argv) in this process fails with exit code 2 and one clear line on stderr."""
+    return assert_clean_error(run_main(script, *argv, cwd=tmp_path, check=False), *fragments)
+
+
 def load_weights(path: Path) -> dict:
     return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Two checkpoints hold equal tensors, bit for bit (a bundle's 'model' is compared)."""
+    a, b = load_weights(a), load_weights(b)
+    a, b = (x['model'] if 'format' in x else x for x in (a, b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def scalars(run_dir: Path, tag: str) -> list:
+    """(step, value) of one tag, from the run's real TensorBoard event files."""
+    events = EventAccumulator(str(run_dir), size_guidance={'scalars': 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 @pytest.fixture(scope='session')
 def cifar_dir(tmp_path_factory) -> Path:
     return write_cifar10(tmp_path_factory.mktemp('cifar'))
-
-
-TRAIN_FLAGS = ('--epochs', 2, '--batch-size', 16, '--lr', 0.02, '--log-interval', 5,  # 63 steps an epoch
-               '--precision', 'fp32')  # bit-for-bit comparisons are made in fp32
-SCRIPTS = ['train.py', 'train_gpu_1.py', 'train_gpu_2.py']
 
 
 @pytest.fixture(scope='session')
@@ -60,9 +137,9 @@ def runs(cifar_dir, tmp_path_factory) -> dict:
     done = {}
     for script in SCRIPTS:
         work = tmp_path_factory.mktemp(script.replace('.py', ''))
-        device = ('--device', 'cpu') if script == 'train_gpu_2.py' and not torch.cuda.is_available() else ()
-        done[script] = work, run_script(script, *TRAIN_FLAGS, '--data-dir', cifar_dir, *device,
-                                        '--run-name', 'run', cwd=work)
+        device = CPU if script == 'train_gpu_2.py' else ()
+        done[script] = work, run_main(script, *TRAIN_FLAGS, '--data-dir', cifar_dir, *device, '--run-name', 'run',
+                                      cwd=work)
     return done
 
 
@@ -70,3 +147,9 @@ def runs(cifar_dir, tmp_path_factory) -> dict:
 def trained(runs):
     """The train.py run: (folder, CompletedProcess)."""
     return runs['train.py']
+
+
+@pytest.fixture(scope='session')
+def slow_data(tmp_path_factory):
+    """10,000 images: a few seconds an epoch, long enough to interrupt a run in the middle."""
+    return write_cifar10(tmp_path_factory.mktemp('slow'), per_batch=1800, test=200)

@@ -23,8 +23,7 @@ def options(**overrides):
 
 
 def all_batches(batches, epoch):
-    batches.set_epoch(epoch)
-    return list(batches)
+    return list(batches.epoch(epoch))
 
 
 @pytest.fixture(params=['cifar', 'folders'])
@@ -37,7 +36,7 @@ def data(request, tmp_path):
 @pytest.mark.parametrize('channels_last, augmented', [(True, False), (False, False), (True, True)])
 def test_memory_path_yields_the_dataloaders_tensors_in_the_same_order(data, channels_last, augmented):
     recipe = dict(channels_last=channels_last, crop_padding=4 if augmented else 0, flip=augmented)
-    fast, fast_test = make_batches(data, options(**recipe), CPU, say=lambda *a: None)
+    fast, fast_test = make_batches(data, options(**recipe), CPU)
     slow, slow_test = make_batches(data, options(loader='stream', **recipe), CPU)
     assert isinstance(fast, TensorBatches) and isinstance(slow, StreamBatches)
     for epoch in (0, 1):
@@ -52,7 +51,7 @@ def test_memory_path_yields_the_dataloaders_tensors_in_the_same_order(data, chan
 
 
 def test_every_epoch_is_a_new_permutation_of_the_whole_set(data):
-    fast, _ = make_batches(data, options(), CPU, say=lambda *a: None)
+    fast, _ = make_batches(data, options(), CPU)
     orders = [torch.cat([y for _, y in all_batches(fast, epoch)]) for epoch in (0, 1)]
     labels = torch.tensor([label for _, label in data.train])
     assert torch.equal(orders[0].sort().values, labels.sort().values)
@@ -79,11 +78,11 @@ def test_augmentation_is_torchvisions_random_crop_and_flip():
 
 
 def test_augmented_epochs_differ_and_a_resumed_epoch_continues_the_same_way(data):
-    fast, _ = make_batches(data, options(crop_padding=4, flip=True), CPU, say=lambda *a: None)
+    fast, _ = make_batches(data, options(crop_padding=4, flip=True), CPU)
     epoch_0 = all_batches(fast, 0)
-    fast.set_epoch(0, skip=2)  # resuming after two batches
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch_0[2:], fast, strict=True))
-    plain, _ = make_batches(data, options(), CPU, say=lambda *a: None)
+    resumed = fast.epoch(0, skip=2)  # resuming after two batches
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch_0[2:], resumed, strict=True))
+    plain, _ = make_batches(data, options(), CPU)
     assert not torch.equal(epoch_0[0][0], all_batches(plain, 0)[0][0])  # the images really changed
 
 
@@ -92,7 +91,7 @@ def test_validation_split_is_held_out_of_the_training_set(data, monkeypatch):
     loads = []
     monkeypatch.setattr(batches, 'decode_cached', lambda dataset, *rest: loads.append(dataset) or
                         decode_cached(dataset, *rest))
-    fast, fast_val = make_batches(held, options(), CPU, say=lambda *a: None)
+    fast, fast_val = make_batches(held, options(), CPU)
     assert loads == [data.train]  # both splits are cut from one decoded training set
     slow, slow_val = make_batches(held, options(loader='stream'), CPU)
     assert len(held.train) + len(held.test) == len(data.train) and len(held.test) == 7
@@ -104,40 +103,42 @@ def test_validation_split_is_held_out_of_the_training_set(data, monkeypatch):
                        torch.cat([y for _, y in all_batches(slow, 0)]))
 
 
-def test_image_folders_are_cached_and_the_cache_follows_the_files(tmp_path):
+def test_image_folders_are_cached_and_the_cache_follows_the_files(tmp_path, capsys):
+    def messages():
+        return capsys.readouterr().out.splitlines()
+
     root = write_image_folders(tmp_path, train=4, test=2)
-    messages = []
-    first, _ = make_batches(load_data(root), options(), CPU, say=messages.append)
-    assert len(list((root / '.cache').glob('*.pt'))) == 2 and len(messages) == 2
-    messages.clear()
-    second, _ = make_batches(load_data(root), options(), CPU, say=messages.append)
-    assert messages == []  # both splits came from the cache
+    first, _ = make_batches(load_data(root), options(), CPU)
+    assert len(list((root / '.cache').glob('*.pt'))) == 2 and len(messages()) == 2
+    second, _ = make_batches(load_data(root), options(), CPU)
+    assert messages() == []  # both splits came from the cache
     assert torch.equal(first.images, second.images)
 
     old_key = cache_key(load_data(root).train)
     picture = next((root / 'train' / 'dog').glob('*.png'))
     Image.new('RGB', (32, 32), (255, 0, 0)).save(picture)
     assert cache_key(load_data(root).train) != old_key
-    third, _ = make_batches(load_data(root), options(), CPU, say=messages.append)
-    assert len(messages) == 1 and 'train' in messages[0]  # rebuilt, and the stale file removed
+    third, _ = make_batches(load_data(root), options(), CPU)
+    rebuilt = messages()
+    assert len(rebuilt) == 1 and 'train' in rebuilt[0]  # rebuilt, and the stale file removed
     assert len(list((root / '.cache').glob('train-*.pt'))) == 1
     assert not torch.equal(third.images, first.images)
 
 
 def test_a_damaged_cache_is_rebuilt(tmp_path):
     root = write_image_folders(tmp_path, train=4, test=2)
-    reference, _ = make_batches(load_data(root), options(), CPU, say=lambda *a: None)
+    reference, _ = make_batches(load_data(root), options(), CPU)
     for cached in (root / '.cache').glob('*.pt'):
         cached.write_bytes(b'garbage')
-    again, _ = make_batches(load_data(root), options(), CPU, say=lambda *a: None)
+    again, _ = make_batches(load_data(root), options(), CPU)
     assert torch.equal(again.images, reference.images)
 
 
-def test_data_where_no_cache_can_be_written_still_trains(tmp_path):
+def test_data_where_no_cache_can_be_written_still_trains(tmp_path, capsys):
     root = write_image_folders(tmp_path, train=4, test=2)
     (root / '.cache').write_text('a file where the cache folder would go')  # unwritable, even for root
-    messages = []
-    fast, _ = make_batches(load_data(root), options(), CPU, say=messages.append)
+    fast, _ = make_batches(load_data(root), options(), CPU)
+    messages = capsys.readouterr().out.splitlines()
     assert len(messages) == 2 and all('not cached' in m for m in messages)
     assert sum(len(labels) for _, labels in fast) == 12  # 3 classes x 4 images
 

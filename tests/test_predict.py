@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, assert_clean_error, load_weights, run_script, write_image_folders
+from conftest import ROOT, assert_clean_error, load_weights, run_main, write_image_folders
 from model import MyModel
 
 LINE = re.compile(r'^(?P<path>\S+): (?P<name>\w+)(?: \S+)? \((?P<p>[\d.]+)%\)   top 3: (?P<top>.+)$')
@@ -21,7 +21,7 @@ def test_no_arguments_classifies_the_dog_with_the_newest_checkpoint(trained):
     work, _ = trained
     (work / 'images').mkdir(exist_ok=True)
     (work / 'images' / 'dog.png').write_bytes((ROOT / 'images' / 'dog.png').read_bytes())
-    result = run_script('test.py', cwd=work)
+    result = run_main('test.py', cwd=work)
     assert result.stdout.startswith(f'checkpoint: {"model/last.pth"} (10 classes, epoch 2')
     found = predictions(result.stdout)
     assert list(found) == ['images/dog.png']
@@ -33,7 +33,7 @@ def test_no_arguments_classifies_the_dog_with_the_newest_checkpoint(trained):
 
 def test_every_sample_picture_and_a_folder(trained):
     work, _ = trained
-    result = run_script('test.py', ROOT / 'images', '--checkpoint', work / 'model' / 'best.pth', cwd=work)
+    result = run_main('test.py', ROOT / 'images', '--checkpoint', work / 'model' / 'best.pth', cwd=work)
     names = sorted(p.name for p in (ROOT / 'images').iterdir())
     assert sorted(p.rsplit('/', 1)[1] for p in predictions(result.stdout)) == names
 
@@ -41,7 +41,7 @@ def test_every_sample_picture_and_a_folder(trained):
 def test_plain_tutorial_state_dict_loads_with_cifar_names(tmp_path):
     torch.manual_seed(0)
     torch.save(MyModel().state_dict(), tmp_path / 'model_29.pth')
-    result = run_script('test.py', ROOT / 'images' / 'cat.jpg', '--checkpoint', 'model_29.pth', cwd=tmp_path)
+    result = run_main('test.py', ROOT / 'images' / 'cat.jpg', '--checkpoint', 'model_29.pth', cwd=tmp_path)
     assert 'checkpoint: model_29.pth (10 classes)' in result.stdout
     (match,) = predictions(result.stdout).values()
     assert match['name'] in ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
@@ -54,7 +54,7 @@ def test_probabilities_match_the_model(tmp_path):
     model = MyModel()
     torch.save(model.state_dict(), tmp_path / 'm.pth')
     Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / 'grey.png')
-    result = run_script('test.py', 'grey.png', '--checkpoint', 'm.pth', cwd=tmp_path)
+    result = run_main('test.py', 'grey.png', '--checkpoint', 'm.pth', cwd=tmp_path)
     p = model(torch.full((1, 3, 32, 32), 200 / 255)).softmax(1)[0]
     (match,) = predictions(result.stdout).values()
     assert float(match['p']) == pytest.approx(p.max().item() * 100, abs=0.06)
@@ -70,14 +70,14 @@ def test_any_image_mode_and_size(mode, trained, tmp_path):
         picture = picture.convert(mode)
     picture.save(tmp_path / 'picture.png' if mode != 'CMYK' else tmp_path / 'picture.jpg')
     path = next(tmp_path.glob('picture.*'))
-    result = run_script('test.py', path, '--checkpoint', work / 'model' / 'last.pth', cwd=tmp_path)
+    result = run_main('test.py', path, '--checkpoint', work / 'model' / 'last.pth', cwd=tmp_path)
     assert len(predictions(result.stdout)) == 1
 
 
 def test_custom_classes_are_named_from_the_checkpoint(tmp_path):
     data = write_image_folders(tmp_path / 'pets', train=16, test=6)
-    run_script('train.py', '--epochs', 1, '--batch-size', 8, '--data-dir', data, cwd=tmp_path)
-    result = run_script('test.py', data / 'test' / 'dog', '--checkpoint', 'model/best.pth', cwd=tmp_path)
+    run_main('train.py', '--epochs', 1, '--batch-size', 8, '--data-dir', data, cwd=tmp_path)
+    result = run_main('test.py', data / 'test' / 'dog', '--checkpoint', 'model/best.pth', cwd=tmp_path)
     names = {m['name'] for m in predictions(result.stdout).values()}
     assert names and names <= {'cat', 'dog', 'horse'}
     assert '(3 classes' in result.stdout
@@ -85,23 +85,23 @@ def test_custom_classes_are_named_from_the_checkpoint(tmp_path):
 
 @pytest.mark.parametrize('args, fragment', [
     (['missing.png'], 'missing.png'),
-    (['--checkpoint', 'nowhere.pth'], 'nowhere.pth not found'),
+    ([ROOT / 'images' / 'dog.png', '--checkpoint', 'nowhere.pth'], 'nowhere.pth not found'),
 ])
 def test_missing_files_are_one_line_errors(args, fragment, trained):
     work, _ = trained
-    result = run_script('test.py', *args, cwd=work, check=False)
+    result = run_main('test.py', *args, cwd=work, check=False)
     assert_clean_error(result, fragment)
 
 
 def test_no_checkpoint_yet_says_train_first(tmp_path):
-    result = run_script('test.py', ROOT / 'images' / 'dog.png', cwd=tmp_path, check=False)
+    result = run_main('test.py', ROOT / 'images' / 'dog.png', cwd=tmp_path, check=False)
     assert_clean_error(result, 'no checkpoint', 'train')
 
 
 def test_json_output_for_images(trained):
     work, _ = trained
-    result = run_script('test.py', ROOT / 'images', '--json', '--top-k', 4, '--checkpoint',
-                        work / 'model' / 'best.pth', cwd=work)
+    result = run_main('test.py', ROOT / 'images', '--json', '--top-k', 4, '--checkpoint',
+                      work / 'model' / 'best.pth', cwd=work)
     report = json.loads(result.stdout)
     assert len(report['predictions']) == 3 and report['classes'][3] == 'cat'
     for prediction in report['predictions']:
@@ -113,8 +113,8 @@ def test_json_output_for_images(trained):
 def test_eval_agrees_with_training_and_explains_the_mistakes(trained, cifar_dir):
     work, _ = trained
     checkpoint = load_weights(work / 'model' / 'last.pth')
-    result = run_script('test.py', '--eval', '--json', '--data-dir', cifar_dir, '--checkpoint',
-                        work / 'model' / 'last.pth', cwd=work)
+    result = run_main('test.py', '--eval', '--json', '--data-dir', cifar_dir, '--checkpoint',
+                      work / 'model' / 'last.pth', cwd=work)
     report = json.loads(result.stdout)
     assert report['images'] == 200
     assert report['accuracy'] == pytest.approx(checkpoint['test_accuracy'])  # same number training logged
@@ -125,14 +125,14 @@ def test_eval_agrees_with_training_and_explains_the_mistakes(trained, cifar_dir)
     confidences = [m['probability'] for m in report['mistakes']]
     assert confidences == sorted(confidences, reverse=True)
     assert all(m['true'] != m['predicted'] for m in report['mistakes'])
-    text = run_script('test.py', '--eval', '--data-dir', cifar_dir, '--checkpoint', work / 'model' / 'last.pth',
-                      cwd=work).stdout
+    text = run_main('test.py', '--eval', '--data-dir', cifar_dir, '--checkpoint', work / 'model' / 'last.pth',
+                    cwd=work).stdout
     assert 'confusion matrix' in text and 'most confident mistakes' in text and 'cat 猫' in text
 
 
 def test_eval_on_a_data_set_with_other_classes_is_refused(trained, tmp_path):
     work, _ = trained
     pets = write_image_folders(tmp_path / 'pets', train=2, test=2)
-    result = run_script('test.py', '--eval', '--data-dir', pets, '--checkpoint', work / 'model' / 'last.pth',
-                        cwd=work, check=False)
+    result = run_main('test.py', '--eval', '--data-dir', pets, '--checkpoint', work / 'model' / 'last.pth',
+                      cwd=work, check=False)
     assert_clean_error(result, '--data-dir')

@@ -6,21 +6,19 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CLASSES, ROOT, load_weights, run_script
+from conftest import CLASSES, CPU, ROOT, fails_cleanly, load_weights, run_main, scalars, script_module
 from model import MyModel
-from test_robustness import PREDICT, TRAIN, fails_cleanly
-from test_training import scalars
-from training.cli import training_parser
 from training.data import CIFAR10  # torchvision's loader, without the MD5 check of the official files
 from training.recipe import (RECIPES, FlipAverage, Normalize, channel_stats, inference_net, lr_schedule,
                              make_optimizer)
+from training.settings import training_settings
 
 FAST = ('--recipe', 'fast', '--epochs', 2, '--batch-size', 16, '--lr', 0.02,  # 0.05 is for batches of 128
         '--log-interval', 5, '--precision', 'fp32')
 
 
 def parse(*argv):
-    return training_parser('', epochs=10).parse_args([str(a) for a in argv])
+    return training_settings([str(a) for a in argv], 'train.py', '', epochs=10)[0]
 
 
 def test_the_default_recipe_is_still_the_tutorials():
@@ -54,12 +52,12 @@ def test_fast_crops_only_runs_long_enough_to_profit_from_them():
     (['--recipe', 'best'], ['--recipe']),
     (['--schedule', 'step'], ['--schedule']),
 ])
-def test_bad_recipe_flags(argv, fragments, capsys):
-    fails_cleanly(TRAIN, argv, capsys, *fragments)
+def test_bad_recipe_flags(argv, fragments, tmp_path):
+    fails_cleanly('train.py', argv, tmp_path, *fragments)
 
 
-def test_val_size_larger_than_the_training_set(cifar_dir, tmp_path, capsys):
-    fails_cleanly(TRAIN, ['--data-dir', cifar_dir, '--checkpoint-dir', tmp_path, '--val-size', 1000], capsys,
+def test_val_size_larger_than_the_training_set(cifar_dir, tmp_path):
+    fails_cleanly('train.py', ['--data-dir', cifar_dir, '--checkpoint-dir', tmp_path, '--val-size', 1000], tmp_path,
                   '--val-size 1000', 'only 1000')
 
 
@@ -70,7 +68,8 @@ def test_schedules_warm_up_to_the_peak_then_fall_to_zero(schedule):
     assert rates[:20] == pytest.approx([0.05 * (s + 1) / 20 for s in range(20)])
     assert max(rates) == pytest.approx(0.05) and rates.index(max(rates)) in (19, 20)
     assert all(a >= b for a, b in zip(rates[20:], rates[21:])) and rates[-1] < 0.003
-    assert lr_schedule(Namespace(schedule='constant', lr=0.05, warmup=0.0), 100) is None
+    constant = lr_schedule(Namespace(schedule='constant', lr=0.05, warmup=0.0), 100)
+    assert [constant(step) for step in range(100)] == [0.05] * 100
 
 
 def test_weight_decay_shrinks_weights_but_not_biases():
@@ -105,8 +104,7 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
 @pytest.fixture(scope='module')
 def fast_run(cifar_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp('fast')
-    device = () if torch.cuda.is_available() else ('--device', 'cpu')
-    return work, run_script('train_gpu_2.py', *FAST, '--data-dir', cifar_dir, *device, '--run-name', 'run', cwd=work)
+    return work, run_main('train_gpu_2.py', *FAST, '--data-dir', cifar_dir, *CPU, '--run-name', 'run', cwd=work)
 
 
 def test_fast_run_saves_the_normalisation_in_every_checkpoint(fast_run, cifar_dir):
@@ -136,10 +134,10 @@ def test_resume_takes_the_interrupted_runs_settings_before_the_script_uses_them(
     assert {k: getattr(args, k) for k in RECIPES['fast']} == {k: state['config'][k] for k in RECIPES['fast']}
     assert (args.recipe, args.label_smoothing, args.lr) == ('fast', 0.1, 0.02)
     assert args.epochs == 2 and 'training to epoch 2' in capsys.readouterr().out  # where the schedule ends
-    fails_cleanly(TRAIN, ['--resume', tmp_path / 'last.pth', '--dry-run'], capsys, '--dry-run', '--resume')
+    fails_cleanly('train.py', ['--resume', tmp_path / 'last.pth', '--dry-run'], tmp_path, '--dry-run', '--resume')
     # the real run finished its schedule: it cannot be stretched to more epochs
-    fails_cleanly(TRAIN, ['--resume', work / 'model' / 'last.pth', '--epochs', 9], capsys, 'finished all 2 epochs',
-                  'new run')
+    fails_cleanly('train.py', ['--resume', work / 'model' / 'last.pth', '--epochs', 9], tmp_path,
+                  'finished all 2 epochs', 'new run')
 
 
 def test_test_py_evaluates_the_fast_checkpoint_as_training_did(fast_run, cifar_dir):
@@ -147,12 +145,12 @@ def test_test_py_evaluates_the_fast_checkpoint_as_training_did(fast_run, cifar_d
     accuracy; without TTA it equals an evaluation written out by hand from the torchvision loader."""
     work, _ = fast_run
     best = load_weights(work / 'model' / 'best.pth')
-    report = json.loads(run_script('test.py', '--eval', '--json', '--checkpoint', work / 'model' / 'best.pth',
-                                   '--data-dir', cifar_dir, '--device', 'cpu', cwd=work).stdout)
+    report = json.loads(run_main('test.py', '--eval', '--json', '--checkpoint', work / 'model' / 'best.pth',
+                                 '--data-dir', cifar_dir, '--device', 'cpu', cwd=work).stdout)
     assert report['accuracy'] == pytest.approx(best['test_accuracy'], abs=1e-9) and best['config']['tta']
 
-    plain = json.loads(run_script('test.py', '--eval', '--json', '--no-tta', '--checkpoint', work / 'model' /
-                                  'best.pth', '--data-dir', cifar_dir, '--device', 'cpu', cwd=work).stdout)
+    plain = json.loads(run_main('test.py', '--eval', '--json', '--no-tta', '--checkpoint', work / 'model' /
+                                'best.pth', '--data-dir', cifar_dir, '--device', 'cpu', cwd=work).stdout)
     test = CIFAR10(str(cifar_dir), train=False)
     images = torch.from_numpy(test.data).permute(0, 3, 1, 2).float() / 255
     mean, std = (torch.tensor(best['normalize'][k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
@@ -166,12 +164,12 @@ def test_test_py_evaluates_the_fast_checkpoint_as_training_did(fast_run, cifar_d
 def test_test_py_normalises_a_photo_for_a_fast_checkpoint(fast_run):
     work, _ = fast_run
     checkpoint = load_weights(work / 'model' / 'best.pth')
-    out = json.loads(run_script('test.py', ROOT / 'images' / 'cat.jpg', '--json',
-                                '--no-tta', '--top-k', 10, '--checkpoint', work / 'model' / 'best.pth',
-                                '--device', 'cpu', cwd=work).stdout)
+    out = json.loads(run_main('test.py', ROOT / 'images' / 'cat.jpg', '--json',
+                              '--no-tta', '--top-k', 10, '--checkpoint', work / 'model' / 'best.pth',
+                              '--device', 'cpu', cwd=work).stdout)
     model = MyModel().eval()
     model.load_state_dict(checkpoint['model'])
-    image = PREDICT.load_image(ROOT / 'images' / 'cat.jpg')[None]
+    image = script_module('test.py').load_image(ROOT / 'images' / 'cat.jpg')[None]
     with torch.no_grad():
         expected = nn.Sequential(Normalize(**checkpoint['normalize']), model)(image).softmax(1)[0]
     assert out['normalize'] == checkpoint['normalize'] and out['tta'] is False
@@ -181,12 +179,12 @@ def test_test_py_normalises_a_photo_for_a_fast_checkpoint(fast_run):
 
 def test_compare_recipes_reports_what_the_runs_logged(cifar_dir, tmp_path):
     """A constant-rate recipe is run once at the longest length and read at every length asked for."""
-    result = run_script('compare_recipes.py', '--data-dir', cifar_dir, '--recipes', 'tutorial', '--epochs', 1, 2,
-                        '--seeds', 0, '--device', 'cpu', '--out', tmp_path / 'runs', cwd=tmp_path)
+    result = run_main('compare_recipes.py', '--data-dir', cifar_dir, '--recipes', 'tutorial', '--epochs', 1, 2,
+                      '--seeds', 0, '--device', 'cpu', '--out', tmp_path / 'runs', cwd=tmp_path)
     assert sorted(p.name for p in (tmp_path / 'runs').iterdir()) == ['tutorial-2ep-seed0']
     logged = [v for _, v in scalars(tmp_path / 'runs' / 'tutorial-2ep-seed0' / 'logs' / 'run', 'test_accuracy')]
     rows = [line for line in result.stdout.splitlines() if line.startswith('| tutorial |')]
     assert [row.split('|')[4].split('%')[0].strip() for row in rows[-2:]] == [f'{100 * v:.2f}' for v in logged]
-    again = run_script('compare_recipes.py', '--data-dir', cifar_dir, '--recipes', 'tutorial', '--epochs', 1, 2,
-                       '--seeds', 0, '--device', 'cpu', '--out', tmp_path / 'runs', cwd=tmp_path)
+    again = run_main('compare_recipes.py', '--data-dir', cifar_dir, '--recipes', 'tutorial', '--epochs', 1, 2,
+                     '--seeds', 0, '--device', 'cpu', '--out', tmp_path / 'runs', cwd=tmp_path)
     assert '...' not in again.stdout and again.stdout.splitlines()[-2:] == result.stdout.splitlines()[-2:]

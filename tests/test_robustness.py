@@ -1,9 +1,9 @@
-"""Never lose progress, never crash on bad input: resume, signals, kill -9, divergence, bad files and flags.
+"""Never lose progress, never crash on bad input: resume, signals, kill -9, divergence, two runs in one
+folder, bad files and flags.
 
 Bad-input rows call the scripts' real main() through the same error handler the command line uses
 (fast); everything about processes and signals runs the real scripts as subprocesses.
 """
-import importlib.util
 import os
 import random
 import resource
@@ -18,45 +18,20 @@ import torch
 import torch.serialization
 from PIL import Image
 
-from conftest import (OFFLINE, ROOT, TRAIN_FLAGS, assert_clean_error, load_weights, run_script, write_cifar10,
-                      write_image_folders)
+from conftest import (OFFLINE, ROOT, TRAIN_FLAGS, assert_clean_error, fails_cleanly, load_weights, run_main,
+                      run_script, same_weights, scalars, script_module, start_script, write_image_folders)
 from model import MyModel
-from training.cli import run
 from training.files import _umask
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name.replace('.py', '_script'), ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-PREDICT, TRAIN = load_script('test.py'), load_script('train.py')
-
-
-def fails_cleanly(script, argv, capsys, *fragments):
-    """main(argv) through the command line's error handler: exit code 2 and one clear line on stderr."""
-    with pytest.raises(SystemExit) as exit_info:
-        run(lambda: script.main([str(a) for a in argv]))
-    captured = capsys.readouterr()
-    result = subprocess.CompletedProcess(argv, exit_info.value.code, captured.out, captured.err)
-    return assert_clean_error(result, *fragments)
-
-
-def same_weights(a, b):
-    a, b = load_weights(a), load_weights(b)
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+from training.folders import LOCK_FILE
 
 
 # ---------------------------------------------------------------- resume, signals, kill -9, divergence
 
 def test_resumed_run_ends_bit_identical_and_logs_each_step_once(runs, cifar_dir, tmp_path):
-    run_script('train.py', *TRAIN_FLAGS, '--epochs', 1, '--data-dir', cifar_dir, '--run-name', 'r', cwd=tmp_path)
-    result = run_script('train.py', *TRAIN_FLAGS, '--data-dir', cifar_dir, '--resume', cwd=tmp_path)
+    run_main('train.py', *TRAIN_FLAGS, '--epochs', 1, '--data-dir', cifar_dir, '--run-name', 'r', cwd=tmp_path)
+    result = run_main('train.py', *TRAIN_FLAGS, '--data-dir', cifar_dir, '--resume', cwd=tmp_path)
     assert 'resuming model/last.pth at epoch 2' in result.stdout
     assert same_weights(tmp_path / 'model' / 'model_1.pth', runs['train.py'][0] / 'model' / 'model_1.pth')
-    from test_training import scalars
     assert [s for s, _ in scalars(tmp_path / 'logs' / 'r', 'train_loss')] == list(range(5, 127, 5))
     assert [s for s, _ in scalars(tmp_path / 'logs' / 'r', 'test_accuracy')] == [0, 1]
 
@@ -65,22 +40,14 @@ SLOW = ('--epochs', 2, '--batch-size', 16, '--lr', 0.01, '--precision', 'fp32', 
 
 
 @pytest.fixture(scope='module')
-def slow_data(tmp_path_factory):
-    """10,000 images: a few seconds an epoch, long enough to interrupt a run in the middle."""
-    return write_cifar10(tmp_path_factory.mktemp('slow'), per_batch=1800, test=200)
-
-
-@pytest.fixture(scope='module')
 def reference(slow_data, tmp_path_factory):
     work = tmp_path_factory.mktemp('reference')
-    run_script('train.py', *SLOW, '--data-dir', slow_data, cwd=work)
+    run_main('train.py', *SLOW, '--data-dir', slow_data, cwd=work)
     return work / 'model' / 'model_1.pth'
 
 
 def start_training(data, work, *extra):
-    return subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *map(str, SLOW), '--data-dir', str(data),
-                             *map(str, extra)], cwd=work, env={**os.environ, **OFFLINE, 'PYTHONUNBUFFERED': '1'},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_script('train.py', *SLOW, '--data-dir', data, *extra, cwd=work)
 
 
 def wait_for_training(process):
@@ -102,15 +69,15 @@ def test_a_signal_saves_a_resumable_checkpoint(signum, code, slow_data, referenc
     assert 'interrupted' in err and 'python train.py --resume' in err and 'Traceback' not in err
     state = load_weights(tmp_path / 'model' / 'last.pth')
     assert state['resume']['meter'] is not None, 'expected to stop in the middle of an epoch'
-    run_script('train.py', *SLOW, '--data-dir', slow_data, '--resume', cwd=tmp_path)
+    run_main('train.py', *SLOW, '--data-dir', slow_data, '--resume', cwd=tmp_path)
     assert same_weights(tmp_path / 'model' / 'model_1.pth', reference)
 
 
 def test_fast_recipe_resumes_bit_identical_after_a_signal(slow_data, tmp_path):
     """The schedule, the momentum buffers, the crops and mirrors and the normalisation all continue exactly."""
     fast = ('--recipe', 'fast', '--crop-padding', 4, '--batch-size', 64, '--lr', 0.02)
-    run_script('train.py', *SLOW, *fast, '--data-dir', slow_data, '--checkpoint-dir', tmp_path / 'reference',
-               '--log-dir', tmp_path / 'logs', cwd=tmp_path)
+    run_main('train.py', *SLOW, *fast, '--data-dir', slow_data, '--checkpoint-dir', tmp_path / 'reference',
+             '--log-dir', tmp_path / 'logs', cwd=tmp_path)
     process = start_training(slow_data, tmp_path, *fast)
     wait_for_training(process)
     time.sleep(1.0)
@@ -118,7 +85,7 @@ def test_fast_recipe_resumes_bit_identical_after_a_signal(slow_data, tmp_path):
     process.communicate(timeout=60)
     assert process.returncode == 130
     assert load_weights(tmp_path / 'model' / 'last.pth')['resume']['meter'] is not None
-    run_script('train.py', '--data-dir', slow_data, '--resume', cwd=tmp_path)  # the settings come from last.pth
+    run_main('train.py', '--data-dir', slow_data, '--resume', cwd=tmp_path)  # the settings come from last.pth
     resumed, reference = (load_weights(tmp_path / folder / 'model_1.pth') for folder in ('model', 'reference'))
     assert resumed['normalize'] == reference['normalize'] and resumed['config']['crop_padding'] == 4
     assert all(torch.equal(resumed['model'][k], reference['model'][k]) for k in reference['model'])
@@ -135,8 +102,8 @@ def test_kill_9_at_random_moments_never_leaves_a_bad_checkpoint(slow_data, refer
         process.communicate(timeout=30)
         for checkpoint in (tmp_path / 'model').glob('*.pth'):
             load_weights(checkpoint)  # every file the scripts would load is whole
-    run_script('train.py', *SLOW, '--data-dir', slow_data, '--resume' if (tmp_path / 'model' / 'last.pth').exists()
-               else '--quiet', cwd=tmp_path)
+    run_main('train.py', *SLOW, '--data-dir', slow_data, '--resume' if (tmp_path / 'model' / 'last.pth').exists()
+             else '--quiet', cwd=tmp_path)
     assert same_weights(tmp_path / 'model' / 'model_1.pth', reference)
     assert not list((tmp_path / 'model').glob('.*.tmp'))
 
@@ -146,8 +113,7 @@ def test_divergence_stops_with_a_clear_message_and_keeps_earlier_checkpoints(tra
     model_dir.mkdir()
     good = (trained[0] / 'model' / 'model_0.pth').read_bytes()
     (model_dir / 'model_0.pth').write_bytes(good)
-    result = run_script('train.py', *TRAIN_FLAGS, '--lr', 1e6, '--data-dir', cifar_dir, cwd=tmp_path, check=False)
-    assert_clean_error(result, 'diverged', '--lr')
+    fails_cleanly('train.py', [*TRAIN_FLAGS, '--lr', 1e6, '--data-dir', cifar_dir], tmp_path, 'diverged', '--lr')
     assert (model_dir / 'model_0.pth').read_bytes() == good
 
 
@@ -166,7 +132,8 @@ def test_a_full_disk_is_a_clear_error_and_loses_nothing(limit, failing, trained,
                             capture_output=True, text=True, env={**os.environ, **OFFLINE}, timeout=300)
     assert_clean_error(result, 'cannot write', 'free some space', failing)
     assert (model_dir / 'model_0.pth').read_bytes() == good
-    assert sorted(p.name for p in model_dir.iterdir()) == ['model_0.pth']  # no temporary file left
+    left = sorted(p.name for p in model_dir.iterdir() if p.name != LOCK_FILE)  # the lock stays: it is reused
+    assert left == ['model_0.pth']  # no temporary file left
 
 
 def test_checkpoints_get_the_usual_file_permissions(trained):
@@ -174,17 +141,64 @@ def test_checkpoints_get_the_usual_file_permissions(trained):
     assert mode == 0o666 & ~_umask()
 
 
-def test_an_unwritable_checkpoint_folder_fails_before_training(cifar_dir, tmp_path, capsys):
+def test_an_unwritable_checkpoint_folder_fails_before_training(cifar_dir, tmp_path):
     blocker = tmp_path / 'not-a-folder'
     blocker.write_text('a file where the folder should be')  # unwritable even for root
-    fails_cleanly(TRAIN, ['--data-dir', cifar_dir, '--checkpoint-dir', blocker], capsys,
+    fails_cleanly('train.py', ['--data-dir', cifar_dir, '--checkpoint-dir', blocker], tmp_path,
                   'cannot write checkpoints', 'not-a-folder')
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason='root can write into read-only folders')
-def test_a_read_only_checkpoint_folder_fails_before_training(cifar_dir, tmp_path, capsys):
+def test_a_read_only_checkpoint_folder_fails_before_training(cifar_dir, tmp_path):
     (tmp_path / 'ro').mkdir(mode=0o555)
-    fails_cleanly(TRAIN, ['--data-dir', cifar_dir, '--checkpoint-dir', tmp_path / 'ro'], capsys, 'cannot write')
+    fails_cleanly('train.py', ['--data-dir', cifar_dir, '--checkpoint-dir', tmp_path / 'ro'], tmp_path, 'cannot write')
+
+
+# ---------------------------------------------------------------- two runs, one folder
+
+def test_two_runs_into_one_checkpoint_folder_the_second_stops_at_once(slow_data, reference, tmp_path):
+    """Started in the same moment: one trains, the other stops with one line naming it; nothing is lost."""
+    first, second = (start_training(slow_data, tmp_path, '--seed', 0) for _ in range(2))
+    outcomes = {}
+    while len(outcomes) < 2:  # who gets the folder is a race; the loser must give up while the winner trains
+        for process in (first, second):
+            if process not in outcomes and process.poll() is not None:
+                outcomes[process] = (process.returncode, *process.communicate(), len(outcomes))
+        time.sleep(0.05)
+    winner, loser = (first, second) if outcomes[first][0] == 0 else (second, first)
+    code, out, err, order = outcomes[loser]
+    line = assert_clean_error(subprocess.CompletedProcess([], code, out, err),
+                              'model/ is in use by another training run',
+                              f'pid {winner.pid}', 'train.py', '--checkpoint-dir')
+    assert order == 0, 'the second run must stop at once, not after the first one'
+    assert outcomes[winner][0] == 0, outcomes[winner][2]
+    assert same_weights(tmp_path / 'model' / 'model_1.pth', reference)  # the winner's files are its own
+    assert len(list((tmp_path / 'logs').iterdir())) == 1, line  # the loser made no TensorBoard folder
+
+
+def test_two_runs_started_together_get_a_run_folder_each(tmp_path):
+    flags = ('--dry-run', '--log-dir', 'logs', '--run-name', 'same')
+    processes = [start_script('train.py', *flags, '--checkpoint-dir', f'model{i}', cwd=tmp_path) for i in range(2)]
+    for process in processes:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+    assert sorted(p.name for p in (tmp_path / 'logs').iterdir()) == ['same', 'same-2']
+    for run in ('same', 'same-2'):  # each holds one run's curve, not two mixed
+        assert [s for s, _ in scalars(tmp_path / 'logs' / run, 'test_accuracy')] == [0, 1]
+
+
+def test_a_closed_output_pipe_stops_training_quietly(tmp_path):
+    """`python train.py | head -1`: the reader is gone, so the run stops as other tools do (not blamed on
+    TensorBoard, no traceback); every line was written when printed, so head got its line at once."""
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONUNBUFFERED'}  # as in a user's shell
+    process = subprocess.Popen([sys.executable, str(ROOT / 'train.py'), '--dry-run'], cwd=tmp_path,
+                               env={**env, **OFFLINE}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == 'training device: cpu\n'  # not held back in a buffer
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=60) == 141
+    assert_clean_error(subprocess.CompletedProcess([], 141, '', err), 'output pipe was closed', code=141)
+    assert 'TensorBoard' not in err
 
 
 # ---------------------------------------------------------------- the command line
@@ -198,58 +212,58 @@ def test_a_read_only_checkpoint_folder_fails_before_training(cifar_dir, tmp_path
     (['--num-workers', '-1'], ['--num-workers']),
     (['--precision', 'fp8'], ['--precision']),
 ])
-def test_bad_flags(argv, fragments, capsys):
-    fails_cleanly(TRAIN, argv, capsys, *fragments)
+def test_bad_flags(argv, fragments, tmp_path):
+    fails_cleanly('train.py', argv, tmp_path, *fragments)
 
 
-def test_unknown_device(capsys):
-    fails_cleanly(load_script('train_gpu_2.py'), ['--device', 'tpu'], capsys, '--device', 'tpu')
+def test_unknown_device(tmp_path):
+    fails_cleanly('train_gpu_2.py', ['--device', 'tpu'], tmp_path, '--device', 'tpu')
 
 
-def test_resume_with_nothing_to_resume(cifar_dir, tmp_path, capsys):
-    fails_cleanly(TRAIN, ['--data-dir', cifar_dir, '--checkpoint-dir', tmp_path / 'empty', '--resume'], capsys,
+def test_resume_with_nothing_to_resume(cifar_dir, tmp_path):
+    fails_cleanly('train.py', ['--data-dir', cifar_dir, '--checkpoint-dir', tmp_path / 'empty', '--resume'], tmp_path,
                   'nothing to resume')
     torch.save(MyModel().state_dict(), tmp_path / 'plain.pth')
-    fails_cleanly(TRAIN, ['--data-dir', cifar_dir, '--checkpoint-dir', tmp_path, '--resume', tmp_path / 'plain.pth'],
-                  capsys, 'no training state')
+    fails_cleanly('train.py', ['--data-dir', cifar_dir, '--checkpoint-dir', tmp_path, '--resume',
+                               tmp_path / 'plain.pth'],
+                  tmp_path, 'no training state')
 
 
-def test_resume_on_other_classes_names_them(trained, tmp_path, capsys):
+def test_resume_on_other_classes_names_them(trained, tmp_path):
     pets = write_image_folders(tmp_path / 'pets', train=4, test=2)
-    fails_cleanly(TRAIN, ['--data-dir', pets, '--checkpoint-dir', trained[0] / 'model', '--resume'], capsys,
+    fails_cleanly('train.py', ['--data-dir', pets, '--checkpoint-dir', trained[0] / 'model', '--resume'], tmp_path,
                   'other classes', 'airplane', 'cat')
 
 
 # ---------------------------------------------------------------- data
 
-def test_data_dir_that_does_not_exist(tmp_path, capsys):
-    fails_cleanly(TRAIN, ['--data-dir', tmp_path / 'nowhere'], capsys, 'nowhere', 'no such folder')
+def test_data_dir_that_does_not_exist(tmp_path):
+    fails_cleanly('train.py', ['--data-dir', tmp_path / 'nowhere'], tmp_path, 'nowhere', 'no such folder')
 
 
-def test_image_folder_without_test_split(tmp_path, capsys):
+def test_image_folder_without_test_split(tmp_path):
     (tmp_path / 'train' / 'cat').mkdir(parents=True)
-    fails_cleanly(TRAIN, ['--data-dir', tmp_path], capsys, 'no test/ folder')
+    fails_cleanly('train.py', ['--data-dir', tmp_path], tmp_path, 'no test/ folder')
 
 
-def test_different_classes_in_train_and_test(tmp_path, capsys):
+def test_different_classes_in_train_and_test(tmp_path):
     root = write_image_folders(tmp_path / 'd', train=2, test=1)
     (root / 'test' / 'horse').rename(root / 'test' / 'zebra')
-    fails_cleanly(TRAIN, ['--data-dir', root], capsys, 'same class folders', "only in train: ['horse']",
+    fails_cleanly('train.py', ['--data-dir', root], tmp_path, 'same class folders', "only in train: ['horse']",
                   "only in test: ['zebra']")
 
 
-def test_empty_class_folder(tmp_path, capsys):
+def test_empty_class_folder(tmp_path):
     root = write_image_folders(tmp_path / 'd', train=2, test=1)
     (root / 'train' / 'bird').mkdir()
-    fails_cleanly(TRAIN, ['--data-dir', root], capsys, 'bird')
+    fails_cleanly('train.py', ['--data-dir', root], tmp_path, 'bird')
 
 
 @pytest.mark.parametrize('loader', [['--loader', 'memory'], ['--loader', 'stream', '--num-workers', '1']])
 def test_unreadable_image_in_the_data_set_is_named(loader, tmp_path):
     root = write_image_folders(tmp_path / 'd', train=3, test=1)
     (root / 'train' / 'dog' / 'broken.jpg').write_bytes(b'\xff\xd8\xff not really a jpeg')
-    result = run_script('train.py', '--data-dir', root, '--epochs', 1, *loader, cwd=tmp_path, check=False)
-    assert_clean_error(result, 'broken.jpg', 'unreadable image')
+    fails_cleanly('train.py', ['--data-dir', root, '--epochs', 1, *loader], tmp_path, 'broken.jpg', 'unreadable image')
 
 
 # ---------------------------------------------------------------- test.py: images
@@ -273,25 +287,25 @@ def write_file(path, data: bytes):
     (lambda d: write_file(d / 'photo.heic', b'\x00\x00\x00\x18ftypheic' + bytes(64)), ['photo.heic', 'HEIC']),
     (lambda d: write_file(d / 'zero.png', b''), ['zero.png', 'not an image']),
 ])
-def test_unusable_image_paths(make, fragments, tmp_path, checkpoint, capsys):
-    fails_cleanly(PREDICT, [make(tmp_path), '--checkpoint', checkpoint], capsys, *fragments)
+def test_unusable_image_paths(make, fragments, tmp_path, checkpoint):
+    fails_cleanly('test.py', [make(tmp_path), '--checkpoint', checkpoint], tmp_path, *fragments)
 
 
-def test_truncated_image(tmp_path, checkpoint, capsys):
+def test_truncated_image(tmp_path, checkpoint):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / 'a.png')
     data = (tmp_path / 'a.png').read_bytes()
     (tmp_path / 'a.png').write_bytes(data[:len(data) // 2])
-    fails_cleanly(PREDICT, [tmp_path / 'a.png', '--checkpoint', checkpoint], capsys, 'a.png', 'truncated')
+    fails_cleanly('test.py', [tmp_path / 'a.png', '--checkpoint', checkpoint], tmp_path, 'a.png', 'truncated')
 
 
-def test_decompression_bomb_is_refused(tmp_path, checkpoint, capsys):
+def test_decompression_bomb_is_refused(tmp_path, checkpoint):
     Image.new('1', (20_000, 20_000)).save(tmp_path / 'bomb.png')  # 400 million pixels in a tiny file
-    fails_cleanly(PREDICT, [tmp_path / 'bomb.png', '--checkpoint', checkpoint], capsys, 'bomb.png',
+    fails_cleanly('test.py', [tmp_path / 'bomb.png', '--checkpoint', checkpoint], tmp_path, 'bomb.png',
                   'decompression bomb')
     assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's limit is still on
 
 
-def test_exif_rotated_photo_is_turned_upright(tmp_path, checkpoint, capsys):
+def test_exif_rotated_photo_is_turned_upright(tmp_path, checkpoint):
     rows, cols = np.mgrid[0:64, 0:40]  # smooth, so that JPEG keeps it; no two orientations look alike
     pixels = np.stack([rows * 4, cols * 6, (rows + cols) * 2], axis=-1).clip(0, 255).astype(np.uint8)
     upright = Image.fromarray(pixels)
@@ -299,37 +313,37 @@ def test_exif_rotated_photo_is_turned_upright(tmp_path, checkpoint, capsys):
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / 'sideways.jpg', exif=exif, quality=100)
-    tensors = [PREDICT.load_image(tmp_path / name) for name in ('upright.png', 'sideways.jpg')]
+    tensors = [script_module('test.py').load_image(tmp_path / name) for name in ('upright.png', 'sideways.jpg')]
     assert tensors[1].shape == (3, 32, 32)
     assert (tensors[0] - tensors[1]).abs().mean() < 0.02  # the same picture, up to JPEG loss
-    ignored = PREDICT.PREPROCESS(Image.open(tmp_path / 'sideways.jpg').convert('RGB'))  # EXIF not applied
+    ignored = script_module('test.py').PREPROCESS(Image.open(tmp_path / 'sideways.jpg').convert('RGB'))  # no EXIF
     assert (tensors[0] - ignored).abs().mean() > 0.1
 
 
 # ---------------------------------------------------------------- test.py: checkpoints
 
-def test_truncated_checkpoint(checkpoint, capsys):
+def test_truncated_checkpoint(checkpoint, tmp_path):
     data = checkpoint.read_bytes()
     checkpoint.write_bytes(data[:len(data) // 3])
-    fails_cleanly(PREDICT, [ROOT / 'images' / 'dog.png', '--checkpoint', checkpoint], capsys, 'not a readable')
+    fails_cleanly('test.py', [ROOT / 'images' / 'dog.png', '--checkpoint', checkpoint], tmp_path, 'not a readable')
 
 
-def test_not_a_checkpoint(tmp_path, capsys):
+def test_not_a_checkpoint(tmp_path):
     torch.save({'learning_rate': 0.01}, tmp_path / 'settings.pth')
-    fails_cleanly(PREDICT, [ROOT / 'images' / 'dog.png', '--checkpoint', tmp_path / 'settings.pth'], capsys,
+    fails_cleanly('test.py', [ROOT / 'images' / 'dog.png', '--checkpoint', tmp_path / 'settings.pth'], tmp_path,
                   'not a MyModel checkpoint')
     write_file(tmp_path / 'text.pth', b'just some text')
-    fails_cleanly(PREDICT, [ROOT / 'images' / 'dog.png', '--checkpoint', tmp_path / 'text.pth'], capsys,
+    fails_cleanly('test.py', [ROOT / 'images' / 'dog.png', '--checkpoint', tmp_path / 'text.pth'], tmp_path,
                   'not a readable')
 
 
-def test_another_architecture_names_keys_and_shapes(tmp_path, capsys):
+def test_another_architecture_names_keys_and_shapes(tmp_path):
     state = MyModel().state_dict()
     state['model.7.weight'] = torch.zeros(128, 1024)
     del state['model.8.bias']
     state['classifier.weight'] = torch.zeros(1)
     torch.save(state, tmp_path / 'other.pth')
-    fails_cleanly(PREDICT, [ROOT / 'images' / 'dog.png', '--checkpoint', tmp_path / 'other.pth'], capsys,
+    fails_cleanly('test.py', [ROOT / 'images' / 'dog.png', '--checkpoint', tmp_path / 'other.pth'], tmp_path,
                   'missing keys: model.8.bias', 'unexpected keys: classifier.weight', 'model.7.weight [128, 1024]')
 
 
@@ -338,12 +352,13 @@ class Payload:
         return exec, ("open('PWNED', 'w').write('the pickle ran code')",)
 
 
-def test_a_pickle_that_runs_code_is_refused_and_never_runs(tmp_path, capsys, monkeypatch):
+def test_a_pickle_that_runs_code_is_refused_and_never_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({'model.0.weight': Payload()}, tmp_path / 'evil.pth')
     assert not (tmp_path / 'PWNED').exists()
-    fails_cleanly(PREDICT, [ROOT / 'images' / 'dog.png', '--checkpoint', tmp_path / 'evil.pth'], capsys, 'refused')
-    fails_cleanly(TRAIN, ['--resume', tmp_path / 'evil.pth', '--data-dir', tmp_path], capsys, 'refused')  # at parsing
+    fails_cleanly('test.py', [ROOT / 'images' / 'dog.png', '--checkpoint', tmp_path / 'evil.pth'], tmp_path, 'refused')
+    fails_cleanly('train.py', ['--resume', tmp_path / 'evil.pth', '--data-dir', tmp_path], tmp_path,
+                  'refused')  # when the settings are resolved
     assert not (tmp_path / 'PWNED').exists()
 
 

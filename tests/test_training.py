@@ -1,16 +1,9 @@
-"""The three training scripts, run as subprocesses on small generated data in the real formats."""
+"""The three training scripts on small generated data in the real formats: checkpoints, TensorBoard, data."""
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import (CLASSES, SCRIPTS, TRAIN_FLAGS, assert_clean_error, load_weights, run_script,
-                      write_cifar10, write_image_folders)
-
-
-def scalars(run_dir, tag):
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
+from conftest import (CLASSES, CPU, SCRIPTS, TRAIN_FLAGS, assert_clean_error, fails_cleanly, load_weights,
+                      run_main, run_script, same_weights, scalars, write_cifar10, write_image_folders)
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
@@ -23,7 +16,7 @@ def test_training_writes_checkpoints_and_tensorboard(script, runs):
     for name in ('best.pth', 'last.pth'):
         bundle = load_weights(model_dir / name)
         assert bundle['classes'] == CLASSES
-        assert bundle['config']['batch_size'] == 16
+        assert bundle['config']['batch_size'] == 16 and bundle['config']['script'] == script
     assert load_weights(model_dir / 'last.pth')['epoch'] == 1
     assert not list(model_dir.glob('.*.tmp')), 'temporary files left behind'
 
@@ -41,15 +34,13 @@ def test_training_writes_checkpoints_and_tensorboard(script, runs):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='all three must run on the CPU to compare bit for bit')
 def test_same_seed_same_weights_from_all_three_scripts(runs):
-    weights = [load_weights(runs[script][0] / 'model' / 'model_1.pth') for script in SCRIPTS]
-    for other in weights[1:]:
-        assert other.keys() == weights[0].keys()
-        for key in weights[0]:
-            assert torch.equal(weights[0][key], other[key]), key
+    first = runs[SCRIPTS[0]][0] / 'model' / 'model_1.pth'
+    for script in SCRIPTS[1:]:
+        assert same_weights(first, runs[script][0] / 'model' / 'model_1.pth'), script
 
 
 def test_another_seed_gives_other_weights(runs, cifar_dir, tmp_path):
-    run_script('train.py', *TRAIN_FLAGS, '--data-dir', cifar_dir, '--seed', 1, cwd=tmp_path)
+    run_main('train.py', *TRAIN_FLAGS, '--data-dir', cifar_dir, '--seed', 1, cwd=tmp_path)
     a = load_weights(runs['train.py'][0] / 'model' / 'model_1.pth')
     b = load_weights(tmp_path / 'model' / 'model_1.pth')
     assert not torch.equal(a['model.0.weight'], b['model.0.weight'])
@@ -57,23 +48,24 @@ def test_another_seed_gives_other_weights(runs, cifar_dir, tmp_path):
 
 def test_image_folder_dataset_with_its_own_classes(tmp_path):
     data = write_image_folders(tmp_path / 'pets')
-    run_script('train_gpu_2.py', '--epochs', 2, '--batch-size', 8, '--lr', 0.02, '--data-dir', data,
-               '--device', 'cpu', cwd=tmp_path)
+    run_main('train_gpu_2.py', '--epochs', 2, '--batch-size', 8, '--lr', 0.02, '--data-dir', data, *CPU,
+             cwd=tmp_path)
     bundle = load_weights(tmp_path / 'model' / 'best.pth')
     assert bundle['classes'] == ['cat', 'dog', 'horse']
     assert bundle['model']['model.8.weight'].shape == (3, 64)
 
 
 def test_dry_run_needs_no_data_and_leaves_nothing_behind(tmp_path):
-    result = run_script('train_gpu_2.py', '--dry-run', '--device', 'cpu', cwd=tmp_path)
-    assert 'dry run OK' in result.stdout
-    assert 'FakeData' in result.stdout
+    result = run_script('train_gpu_2.py', '--dry-run', *CPU, cwd=tmp_path)  # a new process: its scratch is gone
+    assert 'dry run OK' in result.stdout and 'FakeData' in result.stdout
+    scratch = result.stdout.split('checkpoints: ')[1].split('/model/')[0]
     assert list(tmp_path.iterdir()) == []  # no model/, logs/ or dataset/ in the working folder
+    assert not (tmp_path / scratch).exists()
 
 
 def test_each_run_logs_to_its_own_folder(tmp_path):
     for _ in range(2):
-        run_script('train.py', '--dry-run', '--log-dir', 'logs', cwd=tmp_path)
+        run_main('train.py', '--dry-run', '--log-dir', 'logs', cwd=tmp_path)
     runs = sorted(p.name for p in (tmp_path / 'logs').iterdir())
     assert len(runs) == 2 and all('train' in name for name in runs)
     assert all(scalars(tmp_path / 'logs' / name, 'test_accuracy') for name in runs)
@@ -86,11 +78,12 @@ def test_offline_download_fails_with_one_clear_line(tmp_path):
     assert not (tmp_path / 'dataset' / 'cifar-10-python.tar.gz').exists()  # no partial download left
 
 
-def test_damaged_archive_is_reported(tmp_path):
+def test_damaged_archive_is_reported_and_kept(tmp_path, monkeypatch):
+    for name, value in (('http_proxy', 'http://127.0.0.1:9'), ('https_proxy', 'http://127.0.0.1:9')):
+        monkeypatch.setenv(name, value)
     (tmp_path / 'dataset').mkdir()
     (tmp_path / 'dataset' / 'cifar-10-python.tar.gz').write_bytes(b'not really a tarball')
-    result = run_script('train_gpu_2.py', '--device', 'cpu', cwd=tmp_path, check=False)
-    assert_clean_error(result, 'incomplete or damaged')
+    fails_cleanly('train_gpu_2.py', CPU, tmp_path, 'incomplete or damaged')
     assert (tmp_path / 'dataset' / 'cifar-10-python.tar.gz').read_bytes() == b'not really a tarball'
 
 
@@ -98,20 +91,17 @@ def test_damaged_extracted_batch_is_reported(tmp_path):
     data = write_cifar10(tmp_path / 'data', per_batch=10, test=10)
     batch = data / 'cifar-10-batches-py' / 'data_batch_3'
     batch.write_bytes(batch.read_bytes()[:100])
-    result = run_script('train.py', '--data-dir', data, cwd=tmp_path, check=False)
-    assert_clean_error(result, 'damaged', 'cifar-10-batches-py')
+    fails_cleanly('train.py', ['--data-dir', data], tmp_path, 'damaged', 'cifar-10-batches-py')
 
 
 @pytest.mark.parametrize('flag, value', [('--epochs', 0), ('--batch-size', -1), ('--lr', 0), ('--lr', 'fast')])
 def test_bad_numbers_are_refused(flag, value, tmp_path):
-    result = run_script('train.py', flag, value, '--dry-run', cwd=tmp_path, check=False)
-    assert_clean_error(result, flag)
+    fails_cleanly('train.py', [flag, value, '--dry-run'], tmp_path, flag)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the message shown without CUDA')
 def test_asking_for_cuda_without_cuda_is_a_clear_error(tmp_path):
-    result = run_script('train_gpu_2.py', '--device', 'cuda', '--dry-run', cwd=tmp_path, check=False)
-    assert_clean_error(result, '--device cuda', 'not available')
+    fails_cleanly('train_gpu_2.py', ['--device', 'cuda', '--dry-run'], tmp_path, '--device cuda', 'not available')
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU fallback')

@@ -4,13 +4,17 @@ the same order:
 - ``memory`` (whenever the data set fits): every image is decoded once into one uint8 tensor that
   lives on the training device (on a GPU, in GPU memory). A batch is a gather by index plus one
   ``.float().div_(255)`` -- exactly the arithmetic of ``ToTensor()`` -- with no per-image Python.
-- ``stream``: the tutorial's DataLoader with ``ToTensor()``, worker processes and pinned memory,
+- ``stream``: the tutorial's DataLoader with ``ToTensor()`` and worker processes,
   for data sets too large to hold.
 
 The training order is a fresh permutation every epoch, derived from (seed, epoch) alone, so a run
 is reproducible and a resumed run sees exactly the order an uninterrupted one would. So is the data
 augmentation (random crop and mirror, ``--crop-padding`` / ``--flip``): whole batches at a time, on the
-device in the memory path, on the CPU in the stream path, with the same result.
+device in the memory path, on the CPU in the stream path, with the same result. With --normalize the
+batches come normalised by the training set's per-channel mean and standard deviation.
+
+    train_batches, test_batches = make_batches(data, args, device)
+    for images, targets in train_batches.epoch(epoch):   # test_batches: just iterate
 """
 import hashlib
 import os
@@ -20,11 +24,12 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 from .data import IMAGE_SIZE, Data
+from .errors import UserError
 from .files import atomic_save
-from .recipe import augment, augment_plan
+from .recipe import Normalize, augment, augment_plan, channel_stats, stats_sample
 
 BYTES_PER_IMAGE = 3 * IMAGE_SIZE * IMAGE_SIZE
 CACHE_VERSION = 1
@@ -57,38 +62,55 @@ class Augmentation:
         return augment(images_nhwc, plan, self.padding)
 
 
-class TensorBatches:
+class Batches:
+    """What both ways of batching share: the length of an epoch, the finishing touches of a batch."""
+
+    def __init__(self, n: int, batch_size: int, channels_last: bool):
+        self.n, self.batch_size, self.channels_last = n, batch_size, channels_last
+        self.normalize, self._normalize = None, None
+
+    def set_normalization(self, stats: dict, device) -> None:
+        """--normalize: batches come as (image - mean) / std per channel; ``stats`` go into the checkpoints."""
+        self.normalize, self._normalize = stats, Normalize(**stats).to(device)
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch (the last one may be smaller)."""
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        return self.epoch(0)  # the test split: not shuffled, so the epoch does not matter
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        if self._normalize is not None:
+            images = self._normalize(images)
+        return as_model_input(images, self.channels_last)
+
+
+class TensorBatches(Batches):
     """Batches gathered from a whole data set held as uint8 images (N x 32 x 32 x 3) on ``device``."""
 
     def __init__(self, images, labels, batch_size: int, device, shuffle_seed=None, channels_last=True,
                  augmentation: Augmentation = None):
+        super().__init__(len(labels), batch_size, channels_last)
         self.images, self.labels = images.to(device), labels.to(device)
-        self.batch_size, self.seed, self.channels_last = batch_size, shuffle_seed, channels_last
-        self.augmentation = augmentation
-        self.epoch = self.skip = 0
+        self.seed, self.augmentation = shuffle_seed, augmentation
 
     def images_at(self, index: torch.Tensor) -> torch.Tensor:
         """Some of the images, as ToTensor() gives them (N x 3 x 32 x 32 in [0, 1]), on the CPU."""
         return self.images[index.to(self.images.device)].permute(0, 3, 1, 2).float().div_(255).cpu()
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Next iteration: epoch ``epoch``'s order, starting after its first ``skip`` batches (resuming)."""
-        self.epoch, self.skip = epoch, skip
-
-    def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
-
-    def __iter__(self):
-        n = len(self.labels)
-        order = None if self.seed is None else epoch_order(n, self.seed, self.epoch).to(self.images.device)
-        plan = self.augmentation.plan(n, self.epoch).to(self.images.device) if self.augmentation else None
-        for start in range(self.skip * self.batch_size, n, self.batch_size):
+    def epoch(self, epoch: int, skip: int = 0):
+        """Epoch ``epoch``'s batches in its order, after the first ``skip`` ones (a resumed epoch)."""
+        n, device = self.n, self.images.device
+        order = None if self.seed is None else epoch_order(n, self.seed, epoch).to(device)
+        plan = self.augmentation.plan(n, epoch).to(device) if self.augmentation else None
+        for start in range(skip * self.batch_size, n, self.batch_size):
             index = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
             images = self.images[index]
             if plan is not None:  # on uint8, a quarter of the bytes float32 would move
                 images = self.augmentation(images, plan[start:start + self.batch_size])
             images = images.permute(0, 3, 1, 2).float().div_(255)  # == ToTensor(), bit for bit
-            yield as_model_input(images, self.channels_last), self.labels[index]
+            yield self.finish(images), self.labels[index]
 
 
 class EpochSampler(Sampler):
@@ -104,39 +126,64 @@ class EpochSampler(Sampler):
         return max(self.n - self.skip * self.batch_size, 0)
 
 
-class StreamBatches:
-    """The tutorial's DataLoader (``ToTensor()`` per image), shuffled by ``EpochSampler`` when training."""
+class Unreadable:
+    """Stands in for an image that could not be read, carrying the one-line message. A DataLoader worker
+    would turn a UserError into a traceback's text; this travels back to the main process as data."""
 
-    def __init__(self, dataset, batch_size: int, num_workers: int, pin_memory: bool,
-                 shuffle_seed=None, channels_last=True, augmentation: Augmentation = None):
-        self.dataset, self.batch_size, self.augmentation = dataset, batch_size, augmentation
-        self.epoch = self.skip = 0
-        self.sampler = None if shuffle_seed is None else EpochSampler(len(dataset), shuffle_seed, batch_size)
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-                                 pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                                 generator=torch.Generator())  # keeps DataLoader off the global RNG
-        self.channels_last = channels_last
+    def __init__(self, message: str):
+        self.message = message
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-        if self.sampler is not None:
-            self.sampler.epoch, self.sampler.skip = epoch, skip
+
+class ReportUnreadable(Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except UserError as e:
+            return Unreadable(str(e))
+
+
+def collate(samples):
+    """DataLoader's default, unless the batch holds an unreadable image: then that image's marker."""
+    return next((s for s in samples if isinstance(s, Unreadable)), None) or default_collate(samples)
+
+
+class StreamBatches(Batches):
+    """The tutorial's DataLoader (``ToTensor()`` per image), shuffled by ``EpochSampler`` when training.
+    Not pinned: a batch is copied once more on the CPU (channels_last, augmentation, normalisation) before it
+    goes to the device, and that copy would not be pinned, so pinning the DataLoader's batch buys nothing."""
+
+    def __init__(self, dataset, batch_size: int, num_workers: int, shuffle_seed=None, channels_last=True,
+                 augmentation: Augmentation = None):
+        super().__init__(len(dataset), batch_size, channels_last)
+        self.dataset, self.augmentation = dataset, augmentation
+        self.sampler = None if shuffle_seed is None else EpochSampler(len(dataset), shuffle_seed, batch_size)
+        self.loader = DataLoader(ReportUnreadable(dataset), batch_size=batch_size, sampler=self.sampler,
+                                 num_workers=num_workers, persistent_workers=num_workers > 0, collate_fn=collate,
+                                 generator=torch.Generator())  # keeps DataLoader off the global RNG
 
     def images_at(self, index: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.dataset[i][0] for i in index.tolist()])
 
-    def __iter__(self):
-        plan = self.augmentation.plan(len(self.dataset), self.epoch) if self.augmentation else None
-        start = self.skip * self.batch_size
-        for images, labels in self.loader:
+    def epoch(self, epoch: int, skip: int = 0):
+        if self.sampler is not None:
+            self.sampler.epoch, self.sampler.skip = epoch, skip
+        plan = self.augmentation.plan(self.n, epoch) if self.augmentation else None
+        start = skip * self.batch_size
+        for batch in self.loader:
+            if isinstance(batch, Unreadable):
+                raise UserError(batch.message)
+            images, labels = batch
             if plan is not None:  # the same crops and mirrors as the memory path, on the CPU here
                 images = self.augmentation(images.permute(0, 2, 3, 1), plan[start:start + len(labels)])
                 images = images.permute(0, 3, 1, 2)
             start += len(labels)
-            yield as_model_input(images, self.channels_last), labels
+            yield self.finish(images), labels
 
 
 def decode(dataset, threads: int) -> tuple:
@@ -207,9 +254,12 @@ def fits_in_memory(data: Data, device: torch.device) -> bool:
     return needed < free // 4
 
 
-def make_batches(data: Data, args, device: torch.device, say=print) -> tuple:
-    """(train batches, test batches) in the way ``args.loader`` asks: auto, memory or stream."""
+def make_batches(data: Data, args, device: torch.device, resumed: dict = None) -> tuple:
+    """(train batches, test batches) in the way ``args.loader`` asks: auto, memory or stream. With
+    ``args.normalize`` both are normalised by statistics of the training images (a resumed run keeps the
+    statistics its weights learned with)."""
     mode, augmentation = args.loader, Augmentation.from_args(args)
+    say = (lambda *a: None) if getattr(args, 'quiet', False) else print
     if mode == 'auto':
         mode = 'memory' if fits_in_memory(data, device) else 'stream'
     if mode == 'memory':
@@ -224,9 +274,15 @@ def make_batches(data: Data, args, device: torch.device, say=print) -> tuple:
             return (images, labels) if whole is dataset else (images[dataset.indices], labels[dataset.indices])
 
         train, test = tensors(data.train, 'train'), tensors(data.test, 'test')
-        return (TensorBatches(*train, args.batch_size, device, args.seed, args.channels_last, augmentation),
-                TensorBatches(*test, args.batch_size, device, None, args.channels_last))
-    pin = device.type == 'cuda'
-    return (StreamBatches(data.train, args.batch_size, args.num_workers, pin, args.seed, args.channels_last,
-                          augmentation),
-            StreamBatches(data.test, args.batch_size, args.num_workers, pin, None, args.channels_last))
+        batches = (TensorBatches(*train, args.batch_size, device, args.seed, args.channels_last, augmentation),
+                   TensorBatches(*test, args.batch_size, device, None, args.channels_last))
+    else:
+        batches = (StreamBatches(data.train, args.batch_size, args.num_workers, args.seed, args.channels_last,
+                                 augmentation),
+                   StreamBatches(data.test, args.batch_size, args.num_workers, None, args.channels_last))
+    if getattr(args, 'normalize', False):
+        stats = (resumed or {}).get('normalize') or \
+            channel_stats(batches[0].images_at(stats_sample(len(data.train))))
+        for b in batches:
+            b.set_normalization(stats, device if mode == 'memory' else 'cpu')
+    return batches

@@ -8,19 +8,16 @@ Files in the checkpoint folder (default ``model/``):
     last.pth        the latest epoch, likewise, plus the whole training state
 Only tensors, numbers and strings go in, so loading never has to trust a pickle.
 """
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
 from model import MyModel
 
-from .cli import UserError
 from .data import CIFAR10_CLASSES
+from .errors import UserError
 from .files import atomic_save
-from .recipe import RECIPES, SETTINGS
 
 FORMAT = 'mymodel-checkpoint-v1'
 
@@ -51,8 +48,8 @@ def load_checkpoint(path, device='cpu') -> dict:
         obj = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else 'unsupported content'
-        raise UserError(f'refused to load {path}: it holds more than weights (code or objects that '
-                        f'weights_only loading does not allow: {first_line[:120]}); use checkpoints you trust') from None
+        raise UserError(f'refused to load {path}: it holds more than weights (code or objects that weights_only '
+                        f'loading does not allow: {first_line[:120]}); use checkpoints you trust') from None
     except Exception as e:  # truncated zip, random bytes, an empty file ...
         raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or damaged?): '
                         f'{type(e).__name__}') from None
@@ -96,83 +93,18 @@ def class_names(checkpoint: dict, num_classes: int) -> list:
     return [f'class {i}' for i in range(num_classes)]
 
 
-def training_state(model, classes, optimizer, config: dict, run_dir, step: int, next_epoch: int,
-                   best: dict, last_test: dict, meter_state=None, normalize=None) -> dict:
-    """last.pth: the weights and everything needed to continue exactly where training stopped.
-
-    ``next_epoch`` is the epoch to continue with; ``meter_state`` is set when it is already under way.
-    The data order needs no saving: it is a function of (seed, epoch)."""
-    rng = {'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng['cuda'] = torch.cuda.get_rng_state_all()
-    return model_bundle(model, classes, **last_test, step=step, config=config, optimizer=optimizer.state_dict(),
-                        best=best, run_dir=str(run_dir), rng=rng, normalize=normalize,
-                        resume={'epoch': next_epoch, 'meter': meter_state})
-
-
-def load_training_state(resume: str, checkpoint_dir: Path, device) -> tuple:
-    """(path, checkpoint) for --resume: 'latest' means checkpoint_dir/last.pth."""
+def read_training_state(resume: str, checkpoint_dir: Path) -> dict:
+    """The last.pth that --resume continues ('latest': checkpoint_dir/last.pth), read onto the CPU; its
+    'path' says where it came from. The weights go to the device when they are loaded into the model."""
     path = checkpoint_dir / 'last.pth' if resume == 'latest' else Path(resume)
     if resume == 'latest' and not path.is_file():
         raise UserError(f'--resume: nothing to resume, there is no {path} (start without --resume, or '
                         f'give --checkpoint-dir or --resume PATH)')
-    checkpoint = load_checkpoint(path, device)
+    checkpoint = load_checkpoint(path, 'cpu')
     if 'resume' not in checkpoint:
         raise UserError(f'--resume {path}: it holds weights only, no training state; resume from a '
                         f'last.pth written by the training scripts')
-    return path, checkpoint
-
-
-# what a resumed run keeps from the interrupted one, whatever the command line says
-RESUMED_SETTINGS = ('recipe', *SETTINGS, 'seed', 'val_size', 'precision', 'channels_last', 'log_interval')
-
-
-def restore_settings(args) -> None:
-    """--resume: set ``args`` to the settings the weights were trained with, whatever the command line says."""
-    path, checkpoint = load_training_state(args.resume, Path(args.checkpoint_dir or 'model'), 'cpu')
-    config = checkpoint['config']
-    before_recipes = {'recipe': 'tutorial', 'val_size': 0, **RECIPES['tutorial']}  # older checkpoints lack these
-    for key in RESUMED_SETTINGS:
-        setattr(args, key, config[key] if key in config else before_recipes[key])
-    if args.schedule != 'constant' and args.epochs != config['epochs']:
-        if checkpoint['resume']['epoch'] >= config['epochs']:
-            raise UserError(f'--resume: {path} finished all {config["epochs"]} epochs of its {args.schedule} '
-                            f'learning rate schedule, which cannot be stretched; for {args.epochs} epochs start '
-                            f'a new run (without --resume)')
-        if not args.quiet:
-            print(f'note: training to epoch {config["epochs"]}, where the interrupted run\'s learning rate '
-                  f'schedule ends')
-        args.epochs = config['epochs']
-
-
-def restore(checkpoint: dict, model, optimizer, classes, source) -> None:
-    """Put a training state back into model, optimizer and the random number generators."""
-    if list(checkpoint['classes']) != list(classes):
-        raise UserError(f'{source} was trained on other classes ({", ".join(checkpoint["classes"][:5])} ...) '
-                        f'than this data set ({", ".join(classes[:5])} ...): check --data-dir')
-    problem = mismatch(model, checkpoint['model'])
-    if problem:
-        raise UserError(f'{source} does not fit this model ({problem})')
-    model.load_state_dict(checkpoint['model'])
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    torch.set_rng_state(checkpoint['rng']['torch'])
-    if 'cuda' in checkpoint['rng'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint['rng']['cuda'])
-
-
-def prepare_checkpoint_dir(folder: Path) -> None:
-    """Fail before training, not after the first epoch, if checkpoints cannot be written; remove the
-    temporary files a killed run may have left."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix='.write-test-')
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f'cannot write checkpoints to {folder}/ ({e.strerror or e}); '
-                        f'choose another --checkpoint-dir') from None
-    for stale in folder.glob('.*.pth.*.tmp'):
-        stale.unlink(missing_ok=True)
+    return {**checkpoint, 'path': str(path)}
 
 
 def newest_checkpoint(folder) -> Path:

@@ -1,13 +1,12 @@
-"""The command line shared by train.py, train_gpu_1.py and train_gpu_2.py, and the error handling
-that turns a problem the user can fix into one clear line on stderr (exit code 2, no traceback)."""
+"""The command line: the flags every training script takes, and the one place where an error becomes a
+message and an exit code (``run``). A problem the user can fix is one line on stderr, exit code 2, no
+traceback."""
 import argparse
+import os
 import sys
 
-from .recipe import RECIPES, apply_recipe
-
-
-class UserError(Exception):
-    """Something the user can fix (a missing file, a bad flag): printed as one line, exit code 2."""
+from .errors import Interrupted, UserError
+from .recipe import RECIPES
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -15,23 +14,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
-
-
-class TrainingParser(ArgumentParser):
-    """Fills in the --recipe defaults of the flags not given, then checks that they fit together. With
-    --resume, the interrupted run's settings replace them, before the script builds anything from them."""
-
-    def parse_args(self, args=None, namespace=None):
-        parsed = super().parse_args(args, namespace)
-        apply_recipe(parsed)
-        if parsed.resume:
-            if parsed.dry_run:
-                self.error('--dry-run checks the setup from scratch and cannot --resume; drop one of them')
-            from .checkpoint import restore_settings  # here: checkpoint.py needs this module's UserError
-            restore_settings(parsed)
-        if parsed.nesterov and parsed.momentum == 0:
-            self.error('--nesterov needs momentum: give --momentum (e.g. 0.9) or --no-nesterov')
-        return parsed
 
 
 def _whole_number(text: str, minimum: int) -> int:
@@ -74,9 +56,9 @@ def positive_float(text: str) -> float:
     return _number(text, lambda v: 0 < v < float('inf'), 'a positive number')
 
 
-def training_parser(description: str, epochs: int, device_flag: bool = False) -> ArgumentParser:
+def training_parser(prog: str, description: str, epochs: int, device_flag: bool = False) -> ArgumentParser:
     """The flags of every training script; the defaults are the tutorial's."""
-    p = TrainingParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--epochs', type=positive_int, default=epochs,
                    help=f'passes over the training set (default: {epochs}, as in the tutorial)')
     recipe_flags(p)
@@ -86,9 +68,11 @@ def training_parser(description: str, epochs: int, device_flag: bool = False) ->
     p.add_argument('--log-dir', default=None,
                    help='TensorBoard folder; each run writes to its own subfolder (default: logs)')
     p.add_argument('--run-name', default=None,
-                   help="name of this run's subfolder of --log-dir (default: date, time and script)")
+                   help="name of this run's subfolder of --log-dir (default: date, time and script); a name "
+                        "already taken gets -2, -3, ... so that two runs never write into one folder")
     p.add_argument('--checkpoint-dir', default=None,
-                   help='where model_{epoch}.pth, best.pth and last.pth go (default: model)')
+                   help='where model_{epoch}.pth, best.pth and last.pth go; one run at a time trains into it '
+                        '(default: model)')
     p.add_argument('--seed', type=int, default=0,
                    help='seed for the initial weights, the data order and the augmentation: same seed, same run '
                         '(default: 0)')
@@ -135,8 +119,8 @@ def recipe_flags(p: ArgumentParser) -> None:
 
     switch = argparse.BooleanOptionalAction
     p.add_argument('--recipe', choices=list(RECIPES), default='tutorial',
-                   help='tutorial: the lessons\' plain SGD; fast: the same MyModel trained well (about 72 %% in 3 '
-                        'epochs, 77 %% in 30: see README). Sets the defaults of the flags below (default: tutorial)')
+                   help='tutorial: the lessons\' plain SGD; fast: the same MyModel trained well (its accuracy: '
+                        'BENCHMARKS.md). Sets the defaults of the flags below (default: tutorial)')
     p.add_argument('--batch-size', type=positive_int, help=f'images per step {default("batch_size")}')
     p.add_argument('--lr', type=positive_float,
                    help=f'SGD learning rate; the peak rate with a schedule {default("lr")}')
@@ -162,15 +146,27 @@ def recipe_flags(p: ArgumentParser) -> None:
 
 
 def run(main) -> None:
-    """Call main(); report a UserError as one line on stderr with exit code 2."""
+    """Call main() as the command line does: what stops it early becomes one line on stderr and an exit code.
+    Every line printed is written at once, also into a pipe or a notebook (Python would otherwise keep it
+    in a buffer of several kilobytes)."""
+    if hasattr(sys.stdout, 'reconfigure'):
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         main()
     except UserError as e:
-        message = str(e)
-        if 'Original Traceback' in message:  # raised in a DataLoader worker: keep the error's own line
-            message = message.strip().splitlines()[-1].split('UserError: ', 1)[-1]
-        print(f'error: {message}', file=sys.stderr)
+        print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:  # Ctrl+C or SIGTERM, after the training state was saved
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:  # a second Ctrl+C, or one outside training: stop at once
         print('interrupted', file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `python train.py | head`: the reader left, so stop as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+        try:
+            print('stopped: the output pipe was closed; every checkpoint written so far is complete '
+                  '(continue a training run with --resume)', file=sys.stderr)
+        except BrokenPipeError:
+            pass
+        sys.exit(141)  # 128 + SIGPIPE, the code a shell shows for a closed pipe

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 from torchvision.datasets.utils import download_and_extract_archive
 
-from .cli import UserError
+from .errors import UserError
 
 CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer',
                    'dog', 'frog', 'horse', 'ship', 'truck']
@@ -53,6 +53,12 @@ def load_data(data_dir, dry_run: bool = False, batch_size: int = 64, seed: int =
     if not root.is_dir() and data_dir != 'dataset':
         raise UserError(f'--data-dir {data_dir}: no such folder')
     return load_cifar10(root)
+
+
+def load_training_data(args) -> Data:
+    """What a training run trains and evaluates on: ``load_data``, with --val-size images held out."""
+    data = load_data(args.data_dir, args.dry_run, args.batch_size, args.seed)
+    return hold_out(data, args.val_size) if args.val_size else data
 
 
 def hold_out(data: Data, size: int) -> Data:

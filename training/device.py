@@ -1,9 +1,10 @@
-"""Choosing the device, and the fast paths it offers (bf16, channels_last, cuDNN autotuning)."""
+"""Choosing the device, and the fast paths it offers (bf16, channels_last, cuDNN autotuning, compiling)."""
+import contextlib
 from pathlib import Path
 
 import torch
 
-from .cli import UserError
+from .errors import UserError
 
 
 def select_device(name: str = 'auto') -> torch.device:
@@ -42,3 +43,26 @@ def autocast_dtype(precision: str, device: torch.device):
     if device.type not in ('cuda', 'cpu'):
         raise UserError(f'--precision bf16 is not supported on {device.type}; use --precision fp32')
     return torch.bfloat16
+
+
+class Autocast:
+    """``with autocast():`` -- bf16 autocast for the forward pass and the loss where it pays off, else
+    nothing. ``dtype`` is torch.bfloat16 or None (fp32)."""
+
+    def __init__(self, precision: str, device: torch.device):
+        self.dtype, self.device_type = autocast_dtype(precision, device), device.type
+
+    def __call__(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def use_fast_paths(model, args, device: torch.device) -> None:
+    """The device's fast paths, each switched by a flag; ``model`` keeps its own weights and keys."""
+    if args.channels_last:  # NHWC: the layout fast convolution kernels want
+        model.to(memory_format=torch.channels_last)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark  # time the algorithms once, keep the fastest
+    if args.compile:
+        model.compile()  # in place: the state_dict keeps MyModel's keys

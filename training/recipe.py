@@ -20,8 +20,8 @@ give. The model is never changed, so every checkpoint still loads into the tutor
     --flip                   off        on       a random mirror image, new every epoch, done on the device
     --crop-padding           0          4 (0     a random 32x32 crop of the image padded by 4 pixels: it
                                         under 15 fights overfitting in long runs, but short runs underfit
-                                        epochs)  and do better without it (held-out split, seed 0: -1.6
-                                                 points at 10 epochs, +1.0 at 20, +2.0 at 30; see README)
+                                        epochs)  and do better without it (measured on a held-out split:
+                                                 BENCHMARKS.md)
     --tta                    off        on       evaluate on the image and its mirror image, average
 """
 import math
@@ -29,6 +29,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+
 
 class ByLength:
     """A default that depends on the length of the run: ``long`` from ``epochs`` epochs on, else ``short``."""
@@ -73,12 +74,12 @@ def make_optimizer(model: nn.Module, args) -> torch.optim.SGD:
 
 def lr_schedule(args, total_steps: int):
     """The learning rate of each step (0-based), a function of the step alone so that a resumed run
-    continues on the same curve; None for a constant rate."""
-    if args.schedule == 'constant':
-        return None
+    continues on the same curve; --lr at every step with the constant schedule."""
     warmup_steps = args.warmup * total_steps
 
     def lr_at(step: int) -> float:
+        if args.schedule == 'constant':
+            return args.lr
         if step < warmup_steps:
             return args.lr * (step + 1) / warmup_steps
         done = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
@@ -86,6 +87,18 @@ def lr_schedule(args, total_steps: int):
             return args.lr * (1 - done)
         return args.lr * 0.5 * (1 + math.cos(math.pi * done))  # cosine
     return lr_at
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> None:
+    """--clip-grad: scale the gradients down to at most ``max_norm`` (0: leave them). No sync: the norm
+    stays on the device."""
+    if max_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 class Normalize(nn.Module):

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from .batches import make_batches
-from .cli import UserError
 from .data import CHINESE_NAMES, Data
-from .engine import evaluate
+from .errors import UserError
+from .meters import TestMeter
 
 
 def evaluation_report(model, classes, data: Data, device, checkpoint: str, mistakes: int = 5) -> dict:
@@ -17,10 +17,15 @@ def evaluation_report(model, classes, data: Data, device, checkpoint: str, mista
         raise UserError(f'{checkpoint} knows the classes {", ".join(classes[:4])} ..., the data set '
                         f'{", ".join(data.classes[:4])} ...: evaluate it on the data it was trained for (--data-dir)')
     options = Namespace(loader='auto', batch_size=500, seed=0, num_workers=0, channels_last=True, crop_padding=0,
-                        flip=False)
-    _, test_batches = make_batches(data, options, device, say=lambda *a: None)
-    model.to(memory_format=torch.channels_last)
-    result = evaluate(model, nn.CrossEntropyLoss(), test_batches, keep_outputs=True)
+                        flip=False, quiet=True)  # the checkpoint's normalisation is part of ``model``
+    _, test_batches = make_batches(data, options, device)
+    model.to(memory_format=torch.channels_last).eval()
+    meter, loss_fn = TestMeter(device, keep_outputs=True), nn.CrossEntropyLoss(reduction='sum')
+    with torch.no_grad():
+        for images, targets in test_batches:
+            outputs = model(images)
+            meter.add(loss_fn(outputs, targets), outputs, targets)
+    result = meter.result()
     confidence, predicted = result.probabilities.max(1)
     wrong = (predicted != result.targets).nonzero().flatten()
     worst = wrong[confidence[wrong].argsort(descending=True)[:mistakes]].tolist()
@@ -56,7 +61,8 @@ def format_report(report: dict) -> str:
     short = [c[:5] for c in report['classes']]
     lines += ['', 'confusion matrix (rows: true class, columns: predicted)',
               ' ' * 12 + ''.join(f'{c:>6}' for c in short)]
-    lines += [f'{c[:11]:<12}' + ''.join(f'{n:6d}' for n in row) for c, row in zip(report['classes'], report['confusion'])]
+    lines += [f'{c[:11]:<12}' + ''.join(f'{n:6d}' for n in row)
+              for c, row in zip(report['classes'], report['confusion'])]
     lines += ['', 'most confident mistakes:']
     for m in report['mistakes']:
         where = m['file'] or f'test image #{m["index"]}'

@@ -1,15 +1,28 @@
-"""What a training run shows in TensorBoard, beyond the tutorial's three scalars.
+"""A training run's TensorBoard log: the tutorial's ``SummaryWriter``, and what a run shows beyond the
+tutorial's three scalars.
 
-Step units, one per tag: ``train_loss`` uses the training step (batches since the start, as the
-tutorial's ``total_train_step``); every other scalar, image and histogram uses the epoch (from 0).
-Everything here runs once per epoch or once per run, never per step, and needs no extra device sync.
+    with RunLog(args, progress, classes) as writer:
+        writer.add_scalar('test_accuracy', accuracy, epoch)   # SummaryWriter's own methods
+        writer.log_epoch(epoch, model, train, test, best)      # the extras
+
+Step units, one per tag: ``train_loss`` and ``learning_rate`` use the training step (batches since the
+start, as the tutorial's ``total_train_step``); every other scalar, image and histogram uses the epoch
+(from 0). The extras run once per epoch or once per run, never per step, and need no extra device sync.
 """
 import math
+import threading
+import time
 import warnings
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch.utils.tensorboard import SummaryWriter
+
+from .errors import UserError
+from .folders import config_of, new_run_dir
 
 CELL = 30  # pixels per confusion-matrix cell
 
@@ -60,41 +73,104 @@ def labelled_grid(dataset, classes, count: int = 32, per_row: int = 8, scale: in
     return np.asarray(grid)
 
 
-def log_run_start(writer, model, dataset, classes, example: torch.Tensor) -> None:
-    """Once per run: sample training images with their labels, and the model's graph."""
-    writer.add_image('train_samples', labelled_grid(dataset, classes), 0, dataformats='HWC')
-    try:
-        with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns that it is deprecated
-            warnings.simplefilter('ignore', FutureWarning)
-            writer.add_graph(model, example)
-    except Exception as e:  # tracing is a nicety; never let it stop training
-        print(f'note: the model graph was not logged ({type(e).__name__}: {e})')
+class RunLog:
+    """The run's SummaryWriter, in a run folder of its own (a resumed run's own folder, without the steps
+    logged after its checkpoint). A write that fails (a full disk, a folder that went away) becomes one
+    UserError, whichever call meets it; every call is timed, so that the logging's cost is known."""
 
+    def __init__(self, args, progress, classes):
+        self.args, self.classes, self.seconds, self.started = args, list(classes), 0.0, time.perf_counter()
+        resumed = progress.run_dir is not None
+        with self.guard(Path(progress.run_dir or args.log_dir)):
+            self.run_dir = Path(progress.run_dir) if resumed else new_run_dir(args.log_dir, args.run_name,
+                                                                              args.script)
+            # purge_step: a resumed run drops what the interrupted one logged after its checkpoint
+            self.writer = SummaryWriter(str(self.run_dir), purge_step=progress.step + 1 if resumed else None)
+        progress.run_dir = str(self.run_dir)
 
-def log_epoch(writer, epoch: int, model, train, test, classes, seconds: float) -> None:
-    """Per epoch: time, speed, train accuracy, per-class accuracy, confusion matrix,
-    and histograms of the weights and of the last step's gradients."""
-    writer.add_scalar('epoch_seconds', seconds, epoch)
-    writer.add_scalar('images_per_second', train.images / max(seconds, 1e-9), epoch)
-    writer.add_scalar('train_accuracy', train.accuracy, epoch)
-    writer.add_scalar('train_loss_epoch', train.loss, epoch)
-    confusion = test.confusion
-    per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1)
-    for name, accuracy in zip(classes, per_class.tolist()):
-        writer.add_scalar(f'test_accuracy_per_class/{name}', accuracy, epoch)
-    writer.add_image('confusion_matrix', confusion_image(confusion, classes), epoch, dataformats='HWC')
-    for name, parameter in model.named_parameters():
-        writer.add_histogram(f'weights/{name}', parameter.detach().float().cpu(), epoch)
-        if parameter.grad is not None:
-            writer.add_histogram(f'gradients/{name}', parameter.grad.detach().float().cpu(), epoch)
+    @contextmanager
+    def guard(self, folder=None):
+        start = time.perf_counter()
+        try:
+            yield
+        except OSError as e:
+            raise UserError(f'cannot write TensorBoard logs to {folder or self.run_dir}/ ({e.strerror or e}); '
+                            f'free some space or choose another --log-dir (the checkpoints are intact)') from None
+        finally:
+            self.seconds += time.perf_counter() - start
 
+    def __getattr__(self, name):  # add_scalar, add_image, flush, ...: SummaryWriter's own methods, guarded
+        if name == 'writer':  # not made (yet)
+            raise AttributeError(name)
+        method = getattr(self.writer, name)
 
-def log_run_end(writer, epoch: int, test, classes, hparams: dict, best: dict) -> None:
-    """At the end: a precision-recall curve per class, and the settings with the final and best metrics
-    for the HPARAMS tab."""
-    for c, name in enumerate(classes):
-        writer.add_pr_curve(f'pr_curve/{name}', test.targets == c, test.probabilities[:, c], epoch)
-    writer.add_hparams({k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))},
-                       {'hparam/best_test_accuracy': best['accuracy'], 'hparam/best_epoch': best['epoch'],
-                        'hparam/final_test_accuracy': test.accuracy, 'hparam/final_test_loss': test.loss},
-                       run_name='.')
+        def guarded(*args, **kwargs):
+            with self.guard():
+                return method(*args, **kwargs)
+        return guarded
+
+    def elapsed(self) -> float:
+        """Seconds since the run's log was opened."""
+        return time.perf_counter() - self.started
+
+    def __enter__(self):
+        # the writer's thread prints a traceback when a write fails; the main thread reports it in one line
+        self.previous_hook = threading.excepthook
+        threading.excepthook = lambda hook_args: None if issubclass(hook_args.exc_type, OSError) \
+            else self.previous_hook(hook_args)
+        return self
+
+    def __exit__(self, *exc):
+        threading.excepthook = self.previous_hook
+        try:
+            self.writer.close()
+        except OSError:
+            if exc[0] is None:  # a failed write not reported yet
+                raise UserError(f'cannot write TensorBoard logs to {self.run_dir}/; free some space or choose '
+                                f'another --log-dir (the checkpoints are intact)') from None
+
+    def log_run_start(self, model, dataset) -> None:
+        """Once per run: sample training images with their labels, and the model's graph."""
+        example = torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device)
+        if self.args.channels_last:
+            example = example.contiguous(memory_format=torch.channels_last)
+        with self.guard():
+            self.writer.add_image('train_samples', labelled_grid(dataset, self.classes), 0, dataformats='HWC')
+            try:
+                with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns it is deprecated
+                    warnings.simplefilter('ignore', FutureWarning)
+                    self.writer.add_graph(model, example)
+            except OSError:
+                raise
+            except Exception as e:  # tracing is a nicety; never let it stop training
+                print(f'note: the model graph was not logged ({type(e).__name__}: {e})')
+
+    def log_epoch(self, epoch: int, model, train, test, best: dict) -> None:
+        """Per epoch: time, speed, train accuracy, per-class accuracy, confusion matrix, histograms of the
+        weights and of the last step's gradients, and the buffered events on disk, so that a TensorBoard
+        that is watching sees each epoch as it ends. After the last epoch (``test`` kept its outputs):
+        a precision-recall curve per class, and the settings with the final and best metrics (HPARAMS)."""
+        w = self.writer
+        with self.guard():
+            w.add_scalar('epoch_seconds', train.seconds, epoch)
+            w.add_scalar('images_per_second', train.images / max(train.seconds, 1e-9), epoch)
+            w.add_scalar('train_accuracy', train.accuracy, epoch)
+            w.add_scalar('train_loss_epoch', train.loss, epoch)
+            confusion = test.confusion
+            per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1)
+            for name, accuracy in zip(self.classes, per_class.tolist()):
+                w.add_scalar(f'test_accuracy_per_class/{name}', accuracy, epoch)
+            w.add_image('confusion_matrix', confusion_image(confusion, self.classes), epoch, dataformats='HWC')
+            for name, parameter in model.named_parameters():
+                w.add_histogram(f'weights/{name}', parameter.detach().float().cpu(), epoch)
+                if parameter.grad is not None:
+                    w.add_histogram(f'gradients/{name}', parameter.grad.detach().float().cpu(), epoch)
+            if test.probabilities is not None:
+                for c, name in enumerate(self.classes):
+                    w.add_pr_curve(f'pr_curve/{name}', test.targets == c, test.probabilities[:, c], epoch)
+                hparams = {k: v for k, v in config_of(self.args).items() if isinstance(v, (int, float, str, bool))}
+                w.add_hparams(hparams, {'hparam/best_test_accuracy': best['accuracy'],
+                                        'hparam/best_epoch': best['epoch'],
+                                        'hparam/final_test_accuracy': test.accuracy,
+                                        'hparam/final_test_loss': test.loss}, run_name='.')
+            w.flush()

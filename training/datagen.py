@@ -1,6 +1,7 @@
 """Small generated data sets in the real on-disk formats: CIFAR-10's pickled batches and image folders.
 
-Used by the tests and by benchmark.py (which runs on this data unless given --data-dir).
+Used by the tests and by benchmark.py (which runs on this data unless given --data-dir); nothing in
+training depends on it.
 """
 import pickle
 from pathlib import Path

@@ -1,0 +1,57 @@
+"""What a training run shows in the terminal: the text is made here, the scripts print it."""
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def describe_run(args, data, train_batches, autocast, progress, run_dir) -> str:
+    """The lines printed before the first epoch: data, plan, recipe, where things go."""
+    last = Path(args.checkpoint_dir) / 'last.pth' if args.resume == 'latest' else args.resume
+    resuming = f'; resuming {last} at epoch {progress.epoch + 1}, step {progress.step}' if args.resume else ''
+    return '\n'.join([
+        f'data: {data.source}: {len(data.train)} training and {len(data.test)} test images, '
+        f'{len(data.classes)} classes, {type(train_batches).__name__}',
+        f'{args.epochs} epochs of {len(train_batches)} steps (batch {args.batch_size}, lr {args.lr}, seed {args.seed}, '
+        f'{"bf16 autocast" if autocast.dtype else "fp32"}{", channels_last" if args.channels_last else ""}'
+        f'{", compiled" if args.compile else ""}){resuming}',
+        f'recipe {args.recipe}: {describe_recipe(args)}',
+        f'TensorBoard: {run_dir}/  checkpoints: {args.checkpoint_dir}/'])
+
+
+def describe_recipe(args) -> str:
+    sgd = f'SGD momentum {args.momentum}{" (Nesterov)" if args.nesterov else ""}' if args.momentum else 'plain SGD'
+    parts = [sgd,
+             f'weight decay {args.weight_decay}' if args.weight_decay else None,
+             f'{args.schedule} schedule' + (f' ({args.warmup:.0%} warm-up)' if args.warmup else ''),
+             f'label smoothing {args.label_smoothing}' if args.label_smoothing else None,
+             f'gradients clipped to norm {args.clip_grad}' if args.clip_grad else None,
+             'normalised inputs' if args.normalize else None,
+             f'random crops (padding {args.crop_padding})' if args.crop_padding else None,
+             'random mirroring' if args.flip else None, 'mirror TTA' if args.tta else None]
+    return ', '.join(p for p in parts if p)
+
+
+def progress_bar(batches, epoch: int, done: int, args):
+    """Epoch ``epoch``'s batches (after the ``done`` ones of a resumed epoch), with a progress bar in
+    images -- images/s and time left -- when stderr is a terminal; none in CI logs or files."""
+    return tqdm(batches.epoch(epoch, skip=done), desc=f'epoch {epoch + 1}/{args.epochs}', total=len(batches),
+                initial=done, leave=False, unit='img', unit_scale=args.batch_size, dynamic_ncols=True,
+                disable=args.quiet or not sys.stderr.isatty())
+
+
+def epoch_line(epoch: int, epochs: int, train, test, path) -> str:
+    return (f'epoch {epoch + 1:>3}/{epochs}  train loss {train.loss:.4f}  acc {train.accuracy:6.2%}  '
+            f'| test loss {test.loss:.4f}  acc {test.accuracy:6.2%}  '
+            f'| {train.seconds + test.seconds:5.1f}s  -> {path}')
+
+
+def summary_line(args, progress, checkpoints, writer) -> str:
+    total = writer.elapsed()
+    line = (f'done in {total:.1f}s: best test accuracy {progress.best["accuracy"]:.2%} at epoch '
+            f'{progress.best["epoch"] + 1} ({checkpoints.path / "best.pth"}); TensorBoard: tensorboard --logdir '
+            f'{writer.run_dir.parent} (this run: {writer.run_dir.name}; its logging took {writer.seconds:.1f}s, '
+            f'{writer.seconds / max(total, 1e-9):.1%} of the run)')
+    if args.dry_run:
+        line += '\ndry run OK: data, model, training, evaluation, TensorBoard and checkpoints all work'
+    return line

@@ -1,0 +1,67 @@
+"""Where a run stands (its step, the epoch it is in, the best accuracy so far), what last.pth saves of it,
+and how --resume puts it back, so that a resumed run ends with exactly the weights an uninterrupted one has.
+The data order and the augmentation need no saving: they follow from (seed, epoch)."""
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import mismatch, model_bundle
+from .errors import UserError
+
+
+@dataclass
+class Progress:
+    step: int = 0      # training steps since the start: the tutorial's total_train_step
+    epoch: int = 0     # the epoch to train next (the one under way, if it was interrupted)
+    meter: dict = None  # the running sums of an epoch interrupted in the middle, to continue from
+    best: dict = field(default_factory=lambda: {'accuracy': -1.0, 'epoch': -1})
+    last_test: dict = field(default_factory=lambda: {'epoch': -1, 'test_accuracy': None, 'test_loss': None})
+    run_dir: str = None  # the run's TensorBoard folder, kept by a resumed run
+    history: list = field(default_factory=list)  # one dict per epoch trained in this process
+
+    def end_epoch(self, epoch: int, train, test) -> bool:
+        """Record a finished epoch; True when its test accuracy is the best so far."""
+        self.epoch, self.meter = epoch + 1, None
+        self.last_test = {'epoch': epoch, 'test_accuracy': test.accuracy, 'test_loss': test.loss}
+        self.history.append({'epoch': epoch, 'train_loss': train.loss, 'train_accuracy': train.accuracy,
+                             'train_images': train.images, 'train_seconds': train.seconds,
+                             'test_loss': test.loss, 'test_accuracy': test.accuracy, 'test_images': test.images,
+                             'test_seconds': test.seconds})
+        if test.accuracy > self.best['accuracy']:
+            self.best = {'accuracy': test.accuracy, 'epoch': epoch}
+            return True
+        return False
+
+
+def restore(resumed, model, optimizer, classes) -> Progress:
+    """A new run's Progress; with --resume, the interrupted run's, after putting its weights, its
+    optimizer state (momentum) and its random number generators' states back."""
+    if resumed is None:
+        return Progress()
+    source = resumed['path']
+    if list(resumed['classes']) != list(classes):
+        raise UserError(f'{source} was trained on other classes ({", ".join(resumed["classes"][:5])} ...) '
+                        f'than this data set ({", ".join(classes[:5])} ...): check --data-dir')
+    problem = mismatch(model, resumed['model'])
+    if problem:
+        raise UserError(f'{source} does not fit this model ({problem})')
+    model.load_state_dict(resumed['model'])  # copied onto the model's device
+    optimizer.load_state_dict(resumed['optimizer'])  # its state follows the parameters' device
+    torch.set_rng_state(resumed['rng']['torch'].cpu())
+    saved_cuda = resumed['rng'].get('cuda') or []
+    for index in range(min(len(saved_cuda), torch.cuda.device_count())):  # a machine may have fewer GPUs
+        torch.cuda.set_rng_state(saved_cuda[index].cpu(), index)
+    return Progress(step=resumed['step'], epoch=resumed['resume']['epoch'], meter=resumed['resume']['meter'],
+                    best=resumed['best'], last_test={k: resumed[k] for k in Progress().last_test},
+                    run_dir=resumed['run_dir'])
+
+
+def training_state(model, optimizer, progress: Progress, epoch: int, meter_state, **bundle) -> dict:
+    """last.pth: the weights and everything needed to continue at epoch ``epoch``; ``meter_state`` is set
+    when that epoch is already under way. ``bundle``: classes, config and normalize, as in best.pth."""
+    rng = {'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng['cuda'] = torch.cuda.get_rng_state_all()
+    return model_bundle(model, **bundle, **progress.last_test, step=progress.step, optimizer=optimizer.state_dict(),
+                        best=progress.best, run_dir=str(progress.run_dir), rng=rng,
+                        resume={'epoch': epoch, 'meter': meter_state})
