@@ -1,0 +1,218 @@
+"""The helpers the training scripts call, one by one: what a failure here points at is that helper."""
+import errno
+import threading
+from argparse import Namespace
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import CLASSES
+from model import MyModel
+from training.checkpoint import load_checkpoint, read_training_state
+from training.device import Autocast
+from training.errors import Diverged, UserError
+from training.folders import LOCK_FILE, CheckpointFolder, new_run_dir, take_lock
+from training.meters import TestMeter, TrainMeter
+from training.progress import Progress, restore
+from training.recipe import clip_gradients, make_optimizer, set_learning_rate
+from training.settings import training_settings
+from training.tblog import RunLog
+
+CPU = torch.device('cpu')
+
+
+def settings(*argv, epochs=10):
+    return training_settings([str(a) for a in argv], 'train.py', '', epochs=epochs)[0]
+
+
+# ---------------------------------------------------------------- the step and its sums
+
+def batch(loss: float, predictions, targets):
+    """A step's mean loss and outputs whose argmax is ``predictions``."""
+    outputs = torch.nn.functional.one_hot(torch.tensor(predictions), 3).float()
+    return torch.tensor(loss), outputs, torch.tensor(targets)
+
+
+def test_train_meter_logs_the_mean_of_the_steps_since_the_last_log():
+    meter = TrainMeter(CPU)
+    for loss in (1.0, 2.0, 3.0):
+        meter.add(*batch(loss, [0, 1], [0, 0]))
+    assert meter.window_loss(step=3) == pytest.approx(2.0)
+    meter.add(*batch(5.0, [2, 2], [2, 1]))  # one step since then, not --log-interval of them
+    assert meter.window_loss(step=4) == pytest.approx(5.0)
+    result = meter.result(step=4)
+    assert (result.loss, result.accuracy, result.images) == (pytest.approx(11 / 4), 4 / 8, 8)  # 1 right a step
+    assert meter.batches == 4
+
+
+def test_train_meter_continues_from_its_saved_state():
+    whole, first = TrainMeter(CPU), TrainMeter(CPU)
+    steps = [batch(float(k), [k % 3, 0], [0, 1]) for k in range(5)]
+    for step in steps:
+        whole.add(*step)
+    for step in steps[:3]:
+        first.add(*step)
+    second = TrainMeter(CPU, first.state_dict())  # as after an interruption and --resume
+    for step in steps[3:]:
+        second.add(*step)
+    assert second.state_dict() == whole.state_dict()
+    assert second.window_loss(5) == whole.window_loss(5)
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+def test_a_loss_that_is_not_finite_stops_training(bad):
+    meter = TrainMeter(CPU)
+    meter.add(*batch(bad, [0], [0]))
+    with pytest.raises(Diverged, match='--lr'):
+        meter.window_loss(step=1)
+    with pytest.raises(Diverged, match='at step 7'):
+        meter.result(step=7)
+
+
+def test_test_meter_sums_loss_per_image_and_builds_the_confusion_matrix():
+    torch.manual_seed(0)
+    outputs, targets = torch.randn(50, 4), torch.randint(0, 4, (50,))
+    meter, loss_fn = TestMeter(CPU, keep_outputs=True), nn.CrossEntropyLoss(reduction='sum')
+    for chunk in range(0, 50, 16):  # batches of 16, 16, 16, 2
+        meter.add(loss_fn(outputs[chunk:chunk + 16], targets[chunk:chunk + 16]), outputs[chunk:chunk + 16],
+                  targets[chunk:chunk + 16])
+    result = meter.result()
+    assert result.loss == pytest.approx(nn.functional.cross_entropy(outputs, targets).item())
+    assert result.accuracy == (outputs.argmax(1) == targets).sum().item() / 50
+    expected = torch.bincount(targets * 4 + outputs.argmax(1), minlength=16).view(4, 4)
+    assert torch.equal(result.confusion, expected)
+    assert torch.allclose(result.probabilities, outputs.softmax(1)) and torch.equal(result.targets, targets)
+
+
+def test_gradient_clipping_and_the_learning_rate():
+    model = MyModel()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    before = [p.grad.clone() for p in model.parameters()]
+    clip_gradients(model, 0)  # off: untouched
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+    clip_gradients(model, 2.0)
+    assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm() == pytest.approx(2.0, rel=1e-4)
+    optimizer = make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4))
+    set_learning_rate(optimizer, 0.025)
+    assert [g['lr'] for g in optimizer.param_groups] == [0.025, 0.025]  # weights and biases alike
+
+
+def test_autocast_is_bf16_only_when_asked_or_native():
+    assert Autocast('fp32', CPU).dtype is None
+    with Autocast('fp32', CPU)():
+        assert not torch.is_autocast_enabled('cpu')
+    with Autocast('bf16', CPU)():
+        assert torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- settings
+
+def test_settings_are_resolved_once_and_read_only():
+    args = settings('--recipe', 'fast', '--lr', 0.02)
+    assert (args.lr, args.momentum, args.checkpoint_dir, args.log_dir, args.script) == \
+        (0.02, 0.9, 'model', 'logs', 'train.py')  # the flag, then the recipe, then the default folders
+    with pytest.raises(AttributeError, match='read-only'):
+        args.lr = 1.0
+    dry = settings('--dry-run', '--epochs', 30)
+    assert dry.epochs == 2 and 'dry-run-' in dry.checkpoint_dir and 'dry-run-' in dry.log_dir
+
+
+def test_resume_reads_last_pth_once_and_takes_its_settings(tmp_path):
+    model = MyModel()
+    state = {'format': 'mymodel-checkpoint-v1', 'model': model.state_dict(), 'classes': CLASSES,
+             'config': {**vars(settings('--lr', 0.03, '--seed', 4)), 'epochs': 10},
+             'resume': {'epoch': 3, 'meter': None}}
+    torch.save(state, tmp_path / 'last.pth')
+    args, resumed = training_settings(['--resume', '--checkpoint-dir', str(tmp_path), '--lr', '0.5'], 'train.py', '',
+                                      epochs=10)
+    assert (args.lr, args.seed) == (0.03, 4) and resumed['path'] == str(tmp_path / 'last.pth')
+    assert resumed['model']['model.0.weight'].device.type == 'cpu'
+
+
+def test_restore_puts_weights_optimizer_and_random_state_back(tmp_path):
+    torch.manual_seed(1)
+    model = MyModel()
+    optimizer = make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0))
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    optimizer.step()  # momentum buffers now exist
+    random_state = torch.get_rng_state()
+    progress = Progress(step=17, epoch=2, meter={'batches': 3}, run_dir=str(tmp_path / 'run'))
+    with CheckpointFolder(settings('--checkpoint-dir', tmp_path / 'model'), CLASSES, None) as folder:
+        folder.save_last(model, optimizer, progress)
+    resumed = read_training_state(str(tmp_path / 'model' / 'last.pth'), tmp_path)
+    torch.manual_seed(99)
+    fresh = MyModel()
+    fresh_optimizer = make_optimizer(fresh, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0))
+    restored = restore(resumed, fresh, fresh_optimizer, CLASSES)
+    assert (restored.step, restored.epoch, restored.run_dir) == (17, 2, str(tmp_path / 'run'))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    assert torch.equal(fresh_optimizer.state_dict()['state'][0]['momentum_buffer'],
+                       optimizer.state_dict()['state'][0]['momentum_buffer'])
+    assert torch.equal(torch.get_rng_state(), random_state)
+    with pytest.raises(UserError, match='other classes'):
+        restore(resumed, fresh, fresh_optimizer, ['cat', 'dog'])
+
+
+# ---------------------------------------------------------------- folders and files
+
+def test_checkpoint_loading_tells_the_formats_apart(tmp_path):
+    torch.save(MyModel().state_dict(), tmp_path / 'plain.pth')
+    assert load_checkpoint(tmp_path / 'plain.pth')['classes'] is None
+    with pytest.raises(UserError, match='no training state'):
+        read_training_state(str(tmp_path / 'plain.pth'), tmp_path)
+    with pytest.raises(UserError, match='nothing to resume'):
+        read_training_state('latest', tmp_path)
+
+
+def test_a_run_folder_is_always_new(tmp_path):
+    assert new_run_dir(tmp_path, 'run', 'train.py').name == 'run'
+    assert new_run_dir(tmp_path, 'run', 'train.py').name == 'run-2'
+    made, start = [], threading.Barrier(8)
+
+    def make():
+        start.wait()
+        made.append(new_run_dir(tmp_path, 'race', 'train.py'))
+
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(p.name for p in made) == sorted(['race'] + [f'race-{n}' for n in range(2, 9)])
+    (tmp_path / 'file').write_text('not a folder')
+    with pytest.raises(OSError):
+        new_run_dir(tmp_path / 'file', None, 'train.py')
+
+
+def test_a_checkpoint_folder_has_one_owner_at_a_time(tmp_path):
+    first = take_lock(tmp_path / LOCK_FILE, 'pid 123, train.py, started today')
+    with pytest.raises(UserError, match=r'in use by another training run \(pid 123, train.py.*--checkpoint-dir'):
+        take_lock(tmp_path / LOCK_FILE, 'pid 456')
+    first.close()  # what the operating system does when the process ends, even by kill -9
+    take_lock(tmp_path / LOCK_FILE, 'pid 456').close()
+
+
+def test_tensorboard_write_errors_become_one_clear_line(tmp_path, monkeypatch):
+    args = settings('--log-dir', tmp_path / 'logs', '--run-name', 'r')
+    with RunLog(args, Progress(), CLASSES) as writer:
+        writer.add_scalar('test_accuracy', 0.5, 0)
+
+        def full_disk(*a, **k):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+
+        monkeypatch.setattr(writer.writer, 'add_scalar', full_disk)
+        with pytest.raises(UserError, match='cannot write TensorBoard logs .*No space left.*--log-dir'):
+            writer.add_scalar('test_accuracy', 0.6, 1)
+        monkeypatch.undo()
+    (tmp_path / 'a-file').write_text('not a folder')
+    with pytest.raises(UserError, match='cannot write TensorBoard logs to .*a-file'):
+        RunLog(settings('--log-dir', tmp_path / 'a-file'), Progress(), CLASSES)
+
+
+def test_other_errors_are_not_blamed_on_tensorboard(tmp_path):
+    with pytest.raises(BrokenPipeError):
+        with RunLog(settings('--log-dir', tmp_path / 'logs'), Progress(), CLASSES):
+            raise BrokenPipeError(errno.EPIPE, 'Broken pipe')  # e.g. print() into a closed pipe
