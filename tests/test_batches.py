@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_cifar10, write_image_folders
+from conftest import working_directory, write_cifar10, write_image_folders
 from torchvision.transforms import functional as TF
 
 from training import batches
@@ -113,6 +113,9 @@ def test_image_folders_are_cached_and_the_cache_follows_the_files(tmp_path, caps
     second, _ = make_batches(load_data(root), options(), CPU)
     assert messages() == []  # both splits came from the cache
     assert torch.equal(first.images, second.images)
+    with working_directory(root.parent):
+        make_batches(load_data(root.name), options(), CPU)  # the same folder, by a relative path
+    assert messages() == []
 
     old_key = cache_key(load_data(root).train)
     picture = next((root / 'train' / 'dog').glob('*.png'))

@@ -207,11 +207,13 @@ def decode(dataset, threads: int) -> tuple:
 
 
 def cache_key(dataset) -> str:
-    """Changes whenever a file is added, removed, renamed, relabelled or rewritten."""
+    """Changes whenever a file is added, removed, renamed, relabelled or rewritten; not when the same folder
+    is named another way (relative or absolute path)."""
     digest = hashlib.sha256(f'v{CACHE_VERSION} {IMAGE_SIZE}'.encode())
     for path, label in dataset.samples:
         stat = os.stat(path)
-        digest.update(f'{path}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n'.encode())
+        name = os.path.relpath(path, dataset.root)
+        digest.update(f'{name}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n'.encode())
     return digest.hexdigest()[:20]
 
 
