@@ -13,7 +13,9 @@ The two alternate for --rounds rounds. Prints median images/s, the ratios, the p
 and one JSON line. Timing is a measurement, never a test.
 """
 import argparse
+import contextlib
 import gc
+import io
 import json
 import os
 import platform
@@ -122,9 +124,10 @@ def tutorial(data_dir, device, warmup, batch_size):
 
 def project(data_dir, device, batch_size, flags, scratch):
     """train_gpu_2.py's main() for two epochs: the speeds its own meters measured in the second one."""
-    progress = train_gpu_2.main(['--data-dir', str(data_dir), '--device', device.type, '--epochs', '2',
-                                 '--batch-size', str(batch_size), '--quiet', '--checkpoint-dir', f'{scratch}/model',
-                                 '--log-dir', f'{scratch}/logs', *flags])
+    with contextlib.redirect_stdout(io.StringIO()):  # its own lines would break up the table
+        progress = train_gpu_2.main(['--data-dir', str(data_dir), '--device', device.type, '--epochs', '2',
+                                     '--batch-size', str(batch_size), '--quiet', '--checkpoint-dir',
+                                     f'{scratch}/model', '--log-dir', f'{scratch}/logs', *flags])
     shutil.rmtree(scratch)
     epoch = progress.history[-1]
     return epoch['train_images'] / epoch['train_seconds'], epoch['test_images'] / epoch['test_seconds']
