@@ -61,6 +61,7 @@ def main(argv=None):
             # training: the step of lessons P26-28
             model.train()
             meter = TrainMeter(device, progress.meter)  # running sums, kept on the device
+            # this epoch's shuffled batches (after a --resume, the ones not done yet), with a bar in a terminal
             for images, targets in progress_bar(train_batches, epoch, meter.batches, args):
                 if stop.requested:  # Ctrl+C or SIGTERM: stop between two steps
                     break
