@@ -30,9 +30,11 @@ def server(runs):
                                 '127.0.0.1', '--port', str(port), '--load_fast', 'false'],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
+    local = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+
     def get(path, **query):
         url = f'http://127.0.0.1:{port}{path}' + (f'?{urllib.parse.urlencode(query)}' if query else '')
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with local.open(url, timeout=10) as response:
             return json.loads(response.read())
 
     try:

@@ -1,4 +1,6 @@
 """The three training scripts on small generated data in the real formats: checkpoints, TensorBoard, data."""
+import urllib.request
+
 import pytest
 import torch
 
@@ -81,6 +83,7 @@ def test_offline_download_fails_with_one_clear_line(tmp_path):
 def test_damaged_archive_is_reported_and_kept(tmp_path, monkeypatch):
     for name, value in (('http_proxy', 'http://127.0.0.1:9'), ('https_proxy', 'http://127.0.0.1:9')):
         monkeypatch.setenv(name, value)
+    monkeypatch.setattr(urllib.request, '_opener', None)  # urlopen keeps the proxies it saw: forget them after
     (tmp_path / 'dataset').mkdir()
     (tmp_path / 'dataset' / 'cifar-10-python.tar.gz').write_bytes(b'not really a tarball')
     fails_cleanly('train_gpu_2.py', CPU, tmp_path, 'incomplete or damaged')
