@@ -1,14 +1,13 @@
 """What a training run shows in the terminal: the text is made here, the scripts print it."""
 import sys
-from pathlib import Path
 
 from tqdm import tqdm
 
 
 def describe_run(args, data, train_batches, autocast, progress, run_dir) -> str:
     """The lines printed before the first epoch: data, plan, recipe, where things go."""
-    last = Path(args.checkpoint_dir) / 'last.pth' if args.resume == 'latest' else args.resume
-    resuming = f'; resuming {last} at epoch {progress.epoch + 1}, step {progress.step}' if args.resume else ''
+    resuming = f'; resuming {progress.resumed_from} at epoch {progress.epoch + 1}, step {progress.step}' \
+        if progress.resumed_from else ''
     return '\n'.join([
         f'data: {data.source}: {len(data.train)} training and {len(data.test)} test images, '
         f'{len(data.classes)} classes, {type(train_batches).__name__}',

@@ -17,6 +17,7 @@ class Progress:
     best: dict = field(default_factory=lambda: {'accuracy': -1.0, 'epoch': -1})
     last_test: dict = field(default_factory=lambda: {'epoch': -1, 'test_accuracy': None, 'test_loss': None})
     run_dir: str = None  # the run's TensorBoard folder, kept by a resumed run
+    resumed_from: str = None  # the last.pth that --resume continues
     history: list = field(default_factory=list)  # one dict per epoch trained in this process
 
     def end_epoch(self, epoch: int, train, test) -> bool:
@@ -53,7 +54,7 @@ def restore(resumed, model, optimizer, classes) -> Progress:
         torch.cuda.set_rng_state(saved_cuda[index].cpu(), index)
     return Progress(step=resumed['step'], epoch=resumed['resume']['epoch'], meter=resumed['resume']['meter'],
                     best=resumed['best'], last_test={k: resumed[k] for k in Progress().last_test},
-                    run_dir=resumed['run_dir'])
+                    run_dir=resumed['run_dir'], resumed_from=source)
 
 
 def training_state(model, optimizer, progress: Progress, epoch: int, meter_state, **bundle) -> dict:

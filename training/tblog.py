@@ -94,10 +94,13 @@ class RunLog:
         try:
             yield
         except OSError as e:
-            raise UserError(f'cannot write TensorBoard logs to {folder or self.run_dir}/ ({e.strerror or e}); '
-                            f'free some space or choose another --log-dir (the checkpoints are intact)') from None
+            raise self.write_error(folder, e) from None
         finally:
             self.seconds += time.perf_counter() - start
+
+    def write_error(self, folder, e: OSError) -> UserError:
+        return UserError(f'cannot write TensorBoard logs to {folder or self.run_dir}/ ({e.strerror or e}); free '
+                         f'some space or choose another --log-dir (the checkpoints are intact)')
 
     def __getattr__(self, name):  # add_scalar, add_image, flush, ...: SummaryWriter's own methods, guarded
         if name == 'writer':  # not made (yet)
@@ -124,10 +127,9 @@ class RunLog:
         threading.excepthook = self.previous_hook
         try:
             self.writer.close()
-        except OSError:
+        except OSError as e:
             if exc[0] is None:  # a failed write not reported yet
-                raise UserError(f'cannot write TensorBoard logs to {self.run_dir}/; free some space or choose '
-                                f'another --log-dir (the checkpoints are intact)') from None
+                raise self.write_error(None, e) from None
 
     def log_run_start(self, model, dataset) -> None:
         """Once per run: sample training images with their labels, and the model's graph."""
