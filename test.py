@@ -12,6 +12,7 @@ weights_only=True (a checkpoint can never run code). A folder argument means eve
 """
 import argparse
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -62,8 +63,10 @@ def load_image(path: Path) -> torch.Tensor:
         raise UserError(f'{path}: not an image Pillow can read (empty, damaged, or a format such as HEIC: '
                         f'convert it to PNG or JPEG)') from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UserError(f'{path}: refused, too many pixels ({e.args[0].split(" pixels")[0]} pixels) — '
-                        f'it could be a decompression bomb; shrink it first') from None
+        pixels = re.search(r'(\d+) pixels', str(e))
+        raise UserError(f'{path}: refused: {int(pixels[1]) if pixels else 0:,} pixels, more than the '
+                        f'{Image.MAX_IMAGE_PIXELS:,} Pillow opens safely; it could be a decompression bomb, '
+                        f'so shrink it first') from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated data, bad headers
         raise UserError(f'{path}: damaged or truncated image ({e})') from None
 

@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,33 @@ def start_script(script: str, *args, cwd: Path, **popen):
     return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
                             env={**os.environ, **OFFLINE, 'PYTHONUNBUFFERED': '1'}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
+
+
+class Interrupter:
+    """Sends this process a signal right after chosen training steps of in-process runs (counted from the
+    start of each run), as Ctrl+C or `kill` would, at exactly that step: the real handler, no timing."""
+
+    def __init__(self, monkeypatch):
+        from training.meters import TrainMeter
+        self.at, self.signum, self.steps = [], signal.SIGINT, 0
+        add = TrainMeter.add
+
+        def add_then_signal(meter, *args):
+            add(meter, *args)
+            self.steps += 1
+            for _ in range(self.at.count(self.steps)):  # a step listed twice: two signals in a row
+                os.kill(os.getpid(), self.signum)
+        monkeypatch.setattr(TrainMeter, 'add', add_then_signal)
+
+    def run(self, script, *args, cwd, at=(), signum=signal.SIGINT, check=False):
+        """One in-process run, signalled after the steps in ``at`` (of this run)."""
+        self.at, self.signum, self.steps = list(at), signum, 0
+        return run_main(script, *args, cwd=cwd, check=check)
+
+
+@pytest.fixture
+def interrupter(monkeypatch):
+    return Interrupter(monkeypatch)
 
 
 def assert_clean_error(result, *fragments, code: int = 2):

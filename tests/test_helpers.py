@@ -216,3 +216,51 @@ def test_other_errors_are_not_blamed_on_tensorboard(tmp_path):
     with pytest.raises(BrokenPipeError):
         with RunLog(settings('--log-dir', tmp_path / 'logs'), Progress(), CLASSES):
             raise BrokenPipeError(errno.EPIPE, 'Broken pipe')  # e.g. print() into a closed pipe
+
+
+def last_pth(tmp_path) -> dict:
+    """A last.pth written by the real CheckpointFolder, read back as --resume reads it."""
+    model = MyModel()
+    optimizer = make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0))
+    with CheckpointFolder(settings('--checkpoint-dir', tmp_path / 'model'), CLASSES, None) as folder:
+        folder.save_last(model, optimizer, Progress(step=3, run_dir=str(tmp_path)))
+    return read_training_state(str(tmp_path / 'model' / 'last.pth'), tmp_path)
+
+
+def test_resume_restores_random_states_from_cpu_tensors_on_any_device(tmp_path, monkeypatch):
+    """torch.set_rng_state takes only a CPU ByteTensor: --resume reads last.pth onto the CPU whatever the
+    training device (the weights reach the device when they are copied into the model)."""
+    locations = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, 'load', lambda *a, **k: locations.append(k.get('map_location')) or real_load(*a, **k))
+    resumed = last_pth(tmp_path)
+    assert locations == ['cpu'] and resumed['rng']['torch'].device.type == 'cpu'
+    given = []
+    monkeypatch.setattr(torch, 'set_rng_state', lambda state: given.append((state.device.type, state.dtype)))
+    model = MyModel()
+    restore(resumed, model, make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0)),
+            CLASSES)
+    assert given == [('cpu', torch.uint8)]
+
+
+def test_resume_on_a_machine_with_fewer_gpus(tmp_path, monkeypatch):
+    """last.pth from a machine with two GPUs holds two CUDA generator states; a machine with one restores
+    the one it has instead of failing on the second."""
+    resumed = last_pth(tmp_path)
+    resumed['rng']['cuda'] = [torch.get_rng_state(), torch.get_rng_state()]  # as saved on two GPUs
+    restored = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+
+    def set_rng_state(state, device='cuda'):  # what the real one does with a GPU that is not there
+        if device not in (0, 'cuda', 'cuda:0'):
+            raise RuntimeError(f'CUDA error: invalid device ordinal {device}')
+        restored.append(device)
+
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', set_rng_state)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state_all', lambda states: [set_rng_state(s, i) for i, s in
+                                                                         enumerate(states)])
+    model = MyModel()
+    restore(resumed, model, make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0)),
+            CLASSES)
+    assert restored == [0]
