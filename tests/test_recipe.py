@@ -161,6 +161,26 @@ def test_test_py_evaluates_the_fast_checkpoint_as_training_did(fast_run, cifar_d
     assert plain['accuracy'] == pytest.approx((predicted == torch.tensor(test.targets)).float().mean().item())
 
 
+def test_the_test_loss_is_plain_cross_entropy_per_image(fast_run, cifar_dir):
+    """Trained with label smoothing 0.1, evaluated with mirror TTA: the logged test_loss is still the plain
+    cross-entropy, averaged over images (the tutorial summed per-batch means), worked out here by hand."""
+    work, _ = fast_run
+    last = load_weights(work / 'model' / 'model_1.pth')
+    test = CIFAR10(str(cifar_dir), train=False)
+    images = torch.from_numpy(test.data).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(last['normalize'][k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
+    model = MyModel().eval()
+    model.load_state_dict(last['model'])
+    with torch.no_grad():
+        images = (images - mean) / std
+        outputs = (model(images) + model(images.flip(3))) / 2
+    targets = torch.tensor(test.targets)
+    logged = dict(scalars(work / 'logs' / 'run', 'test_loss'))[1]
+    assert logged == pytest.approx(nn.functional.cross_entropy(outputs, targets).item(), rel=1e-5)
+    smoothed = nn.functional.cross_entropy(outputs, targets, label_smoothing=0.1).item()
+    assert abs(logged - smoothed) > 100 * abs(logged) * 1e-5  # what the training loss would have said
+
+
 def test_test_py_normalises_a_photo_for_a_fast_checkpoint(fast_run):
     work, _ = fast_run
     checkpoint = load_weights(work / 'model' / 'best.pth')

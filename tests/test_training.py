@@ -1,11 +1,17 @@
 """The three training scripts on small generated data in the real formats: checkpoints, TensorBoard, data."""
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
 import urllib.request
 
 import pytest
 import torch
 
-from conftest import (CLASSES, CPU, SCRIPTS, TRAIN_FLAGS, assert_clean_error, fails_cleanly, load_weights,
-                      run_main, run_script, same_weights, scalars, write_cifar10, write_image_folders)
+from conftest import (CLASSES, CPU, OFFLINE, ROOT, SCRIPTS, TRAIN_FLAGS, assert_clean_error, fails_cleanly,
+                      load_weights, run_main, run_script, same_weights, scalars, write_cifar10, write_image_folders)
+from training.data import CIFAR10
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
@@ -117,5 +123,95 @@ def test_train_gpu_1_says_it_falls_back_to_the_cpu(runs):
 def test_gpu_scripts_use_cuda(script, runs):
     work, result = runs[script]
     assert 'training device: cuda' in result.stdout
-    state = load_weights(work / 'model' / 'model_1.pth')  # saved on the GPU, read on the CPU
-    assert state['model.0.weight'].device.type == 'cpu'
+    saved_on = []  # torch.load tells the map_location where each tensor was when it was saved
+    state = torch.load(work / 'model' / 'model_1.pth', weights_only=True,
+                       map_location=lambda storage, location: saved_on.append(location) or storage)
+    assert set(saved_on) == {'cuda:0'} and state['model.0.weight'].device.type == 'cpu'
+
+
+# ---------------------------------------------------------------- what the README promises about flags and output
+
+ONE_EPOCH = ('--epochs', 1, '--batch-size', 16, '--lr', 0.02, '--run-name', 'run')
+
+
+@pytest.fixture(scope='module')
+def fp32_run(cifar_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp('fp32')
+    return work, run_main('train_gpu_2.py', *ONE_EPOCH, '--precision', 'fp32', '--data-dir', cifar_dir, *CPU, cwd=work)
+
+
+@pytest.mark.parametrize('flags, header, exact', [
+    (('--precision', 'fp32', '--no-channels-last'), 'fp32)', False),  # other kernels: the same model, rounded
+    (('--precision', 'fp32', '--compile'), 'fp32, channels_last, compiled)', False),
+    (('--precision', 'fp32', '--no-cudnn-benchmark'), 'fp32, channels_last)', not torch.cuda.is_available()),
+    (('--precision', 'bf16',), 'bf16 autocast, channels_last)', None),  # bf16 rounding: another model
+])
+def test_speed_flags_in_a_real_run(flags, header, exact, fp32_run, cifar_dir, tmp_path):
+    result = run_main('train_gpu_2.py', *ONE_EPOCH, *flags, '--data-dir', cifar_dir, *CPU, cwd=tmp_path)
+    assert header in result.stdout.splitlines()[2]
+    mine, reference = tmp_path / 'model' / 'model_0.pth', fp32_run[0] / 'model' / 'model_0.pth'
+    if exact:  # on the CPU cuDNN has nothing to tune
+        assert same_weights(mine, reference)
+    elif exact is False:
+        a, b = load_weights(mine), load_weights(reference)
+        assert not same_weights(mine, reference) or '--no-cudnn-benchmark' in flags
+        assert all(torch.allclose(a[k], b[k], atol=2e-3, rtol=0) for k in a), 'a different model, not rounding'
+    else:
+        assert not same_weights(mine, reference)
+    assert scalars(tmp_path / 'logs' / 'run', 'test_accuracy')[-1][1] > 0.3  # it learned (chance: 0.1)
+    config = load_weights(tmp_path / 'model' / 'best.pth')['config']
+    assert (config['channels_last'], config['compile'], config['cudnn_benchmark']) == \
+        ('--no-channels-last' not in flags, '--compile' in flags, '--no-cudnn-benchmark' not in flags)
+    if torch.cuda.is_available():
+        assert torch.backends.cudnn.benchmark == ('--no-cudnn-benchmark' not in flags)
+
+
+def test_quiet_prints_only_the_device_and_the_summary(cifar_dir, tmp_path):
+    result = run_main('train.py', *ONE_EPOCH, '--quiet', '--data-dir', cifar_dir, cwd=tmp_path)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and lines[0] == 'training device: cpu' and lines[1].startswith('done in ')
+
+
+def test_a_progress_bar_on_a_terminal_and_none_elsewhere(cifar_dir, tmp_path, runs):
+    import fcntl
+    import pty  # only where there are terminals (not on Windows)
+    import struct
+    import termios
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 100, 0, 0))  # 24 x 100, as a window has
+    process = subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *map(str, ONE_EPOCH), '--data-dir',
+                                str(cifar_dir)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=terminal,
+                               env={**os.environ, **OFFLINE})
+    os.close(terminal)
+    shown = b''
+    while True:  # read as it comes, so that the bar never waits for us
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the terminal closed: the process is done with it
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    assert process.wait(timeout=120) == 0
+    shown = shown.decode(errors='replace')
+    assert 'epoch 1/1' in shown and 'img/s' in shown and '\r' in shown  # a bar that redraws itself
+    assert 'epoch   1/1' in process.stdout.read().decode()  # the epoch's line still goes to stdout
+    assert all(result.stderr == '' for _, result in runs.values())  # not a terminal: no bar, no clutter
+
+
+def test_a_local_cifar_archive_is_unpacked_on_first_use(tmp_path, monkeypatch):
+    """dataset/cifar-10-python.tar.gz put there by hand (no network): its checksum is checked, then it is
+    unpacked and trained on. The archive here is a small one in the real format, with its own checksum."""
+    source = write_cifar10(tmp_path / 'source', per_batch=40, test=40)
+    (tmp_path / 'dataset').mkdir()
+    archive = tmp_path / 'dataset' / 'cifar-10-python.tar.gz'
+    with tarfile.open(archive, 'w:gz') as tar:
+        tar.add(source / 'cifar-10-batches-py', arcname='cifar-10-batches-py')
+    monkeypatch.setattr(CIFAR10, 'tgz_md5', hashlib.md5(archive.read_bytes()).hexdigest())
+    for name in ('http_proxy', 'https_proxy'):  # any attempt to download fails at once
+        monkeypatch.setenv(name, 'http://127.0.0.1:9')
+    monkeypatch.setattr(urllib.request, '_opener', None)
+    result = run_main('train.py', '--epochs', 1, '--batch-size', 20, cwd=tmp_path)
+    assert 'CIFAR-10 in dataset/cifar-10-batches-py/: 200 training and 40 test images' in result.stdout
+    assert (tmp_path / 'dataset' / 'cifar-10-batches-py' / 'test_batch').is_file() and archive.is_file()
