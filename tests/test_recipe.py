@@ -140,6 +140,22 @@ def test_resume_takes_the_interrupted_runs_settings_before_the_script_uses_them(
                   'finished all 2 epochs', 'new run')
 
 
+def scores_by_hand(bundle: dict, cifar_dir, tta: bool) -> tuple:
+    """(class scores, true classes) of the test split under a fast-recipe checkpoint, worked out here from
+    torchvision's loader: its normalisation, MyModel, and with ``tta`` the mirror image's scores averaged in."""
+    test = CIFAR10(str(cifar_dir), train=False)
+    images = torch.from_numpy(test.data).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(bundle['normalize'][k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
+    model = MyModel().eval()
+    model.load_state_dict(bundle['model'])
+    with torch.no_grad():
+        images = (images - mean) / std
+        scores = model(images)
+        if tta:
+            scores = (scores + model(images.flip(3))) / 2
+    return scores, torch.tensor(test.targets)
+
+
 def test_test_py_evaluates_the_fast_checkpoint_as_training_did(fast_run, cifar_dir):
     """test.py --eval, with the checkpoint's normalisation and mirror TTA, reproduces the training log's
     accuracy; without TTA it equals an evaluation written out by hand from the torchvision loader."""
@@ -151,30 +167,15 @@ def test_test_py_evaluates_the_fast_checkpoint_as_training_did(fast_run, cifar_d
 
     plain = json.loads(run_main('test.py', '--eval', '--json', '--no-tta', '--checkpoint', work / 'model' /
                                 'best.pth', '--data-dir', cifar_dir, '--device', 'cpu', cwd=work).stdout)
-    test = CIFAR10(str(cifar_dir), train=False)
-    images = torch.from_numpy(test.data).permute(0, 3, 1, 2).float() / 255
-    mean, std = (torch.tensor(best['normalize'][k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
-    model = MyModel().eval()
-    model.load_state_dict(best['model'])
-    with torch.no_grad():
-        predicted = model((images - mean) / std).argmax(1)
-    assert plain['accuracy'] == pytest.approx((predicted == torch.tensor(test.targets)).float().mean().item())
+    scores, targets = scores_by_hand(best, cifar_dir, tta=False)
+    assert plain['accuracy'] == pytest.approx((scores.argmax(1) == targets).float().mean().item())
 
 
 def test_the_test_loss_is_plain_cross_entropy_per_image(fast_run, cifar_dir):
     """Trained with label smoothing 0.1, evaluated with mirror TTA: the logged test_loss is still the plain
     cross-entropy, averaged over images (the tutorial summed per-batch means), worked out here by hand."""
     work, _ = fast_run
-    last = load_weights(work / 'model' / 'model_1.pth')
-    test = CIFAR10(str(cifar_dir), train=False)
-    images = torch.from_numpy(test.data).permute(0, 3, 1, 2).float() / 255
-    mean, std = (torch.tensor(last['normalize'][k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
-    model = MyModel().eval()
-    model.load_state_dict(last['model'])
-    with torch.no_grad():
-        images = (images - mean) / std
-        outputs = (model(images) + model(images.flip(3))) / 2
-    targets = torch.tensor(test.targets)
+    outputs, targets = scores_by_hand(load_weights(work / 'model' / 'model_1.pth'), cifar_dir, tta=True)
     logged = dict(scalars(work / 'logs' / 'run', 'test_loss'))[1]
     assert logged == pytest.approx(nn.functional.cross_entropy(outputs, targets).item(), rel=1e-5)
     smoothed = nn.functional.cross_entropy(outputs, targets, label_smoothing=0.1).item()
