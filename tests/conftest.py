@@ -74,11 +74,16 @@ def run_main(script: str, *args, cwd: Path, check: bool = True):
     return result
 
 
+def script_env(**changes) -> dict:
+    """The environment a script runs in here: offline, unbuffered output; ``NAME=None`` removes NAME."""
+    env = {**os.environ, **OFFLINE, 'PYTHONUNBUFFERED': '1', **changes}
+    return {name: value for name, value in env.items() if value is not None}
+
+
 def run_script(script: str, *args, cwd: Path, check: bool = True, timeout: float = 300, env=None):
     """Run one of the project's scripts as a user would, in a new process, from ``cwd``."""
-    full_env = {**os.environ, **OFFLINE, 'PYTHONUNBUFFERED': '1', **(env or {})}
-    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=full_env,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+                            env=script_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f'{script} {" ".join(map(str, args))} exited {result.returncode}\n'
                              f'--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}')
@@ -88,7 +93,7 @@ def run_script(script: str, *args, cwd: Path, check: bool = True, timeout: float
 def start_script(script: str, *args, cwd: Path, **popen):
     """A script started in a new process, its output readable line by line as it comes."""
     return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
-                            env={**os.environ, **OFFLINE, 'PYTHONUNBUFFERED': '1'}, stdout=subprocess.PIPE,
+                            env=script_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
 
 

@@ -22,6 +22,11 @@ from training.tblog import RunLog
 CPU = torch.device('cpu')
 
 
+def sgd(model):
+    """The project's SGD with momentum, so that a restored optimizer has momentum buffers to compare."""
+    return make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0))
+
+
 def settings(*argv, epochs=10):
     return training_settings([str(a) for a in argv], 'train.py', '', epochs=epochs)[0]
 
@@ -135,7 +140,7 @@ def test_resume_reads_last_pth_once_and_takes_its_settings(tmp_path):
 def test_restore_puts_weights_optimizer_and_random_state_back(tmp_path):
     torch.manual_seed(1)
     model = MyModel()
-    optimizer = make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0))
+    optimizer = sgd(model)
     model(torch.rand(2, 3, 32, 32)).sum().backward()
     optimizer.step()  # momentum buffers now exist
     random_state = torch.get_rng_state()
@@ -145,7 +150,7 @@ def test_restore_puts_weights_optimizer_and_random_state_back(tmp_path):
     resumed = read_training_state(str(tmp_path / 'model' / 'last.pth'), tmp_path)
     torch.manual_seed(99)
     fresh = MyModel()
-    fresh_optimizer = make_optimizer(fresh, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0))
+    fresh_optimizer = sgd(fresh)
     restored = restore(resumed, fresh, fresh_optimizer, CLASSES)
     assert (restored.step, restored.epoch, restored.run_dir) == (17, 2, str(tmp_path / 'run'))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
@@ -221,7 +226,7 @@ def test_other_errors_are_not_blamed_on_tensorboard(tmp_path):
 def last_pth(tmp_path) -> dict:
     """A last.pth written by the real CheckpointFolder, read back as --resume reads it."""
     model = MyModel()
-    optimizer = make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0))
+    optimizer = sgd(model)
     with CheckpointFolder(settings('--checkpoint-dir', tmp_path / 'model'), CLASSES, None) as folder:
         folder.save_last(model, optimizer, Progress(step=3, run_dir=str(tmp_path)))
     return read_training_state(str(tmp_path / 'model' / 'last.pth'), tmp_path)
@@ -238,7 +243,7 @@ def test_resume_restores_random_states_from_cpu_tensors_on_any_device(tmp_path, 
     given = []
     monkeypatch.setattr(torch, 'set_rng_state', lambda state: given.append((state.device.type, state.dtype)))
     model = MyModel()
-    restore(resumed, model, make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0)),
+    restore(resumed, model, sgd(model),
             CLASSES)
     assert given == [('cpu', torch.uint8)]
 
@@ -261,6 +266,6 @@ def test_resume_on_a_machine_with_fewer_gpus(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'set_rng_state_all', lambda states: [set_rng_state(s, i) for i, s in
                                                                          enumerate(states)])
     model = MyModel()
-    restore(resumed, model, make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0)),
+    restore(resumed, model, sgd(model),
             CLASSES)
     assert restored == [0]

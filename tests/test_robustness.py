@@ -17,8 +17,8 @@ import torch
 import torch.serialization
 from PIL import Image
 
-from conftest import (OFFLINE, ROOT, TRAIN_FLAGS, assert_clean_error, fails_cleanly, load_weights, run_main,
-                      run_script, same_weights, scalars, script_module, start_script, write_image_folders)
+from conftest import (ROOT, TRAIN_FLAGS, assert_clean_error, fails_cleanly, load_weights, run_main,
+                      run_script, same_weights, scalars, script_env, script_module, start_script, write_image_folders)
 from model import MyModel
 from training.files import _umask
 from training.folders import LOCK_FILE
@@ -179,7 +179,7 @@ def test_a_full_disk_is_a_clear_error_and_loses_nothing(limit, failing, trained,
 
     result = subprocess.run([sys.executable, str(ROOT / 'train.py'), *map(str, TRAIN_FLAGS), '--data-dir',
                              str(cifar_dir), '--epochs', '1'], cwd=tmp_path, preexec_fn=small_disk,
-                            capture_output=True, text=True, env={**os.environ, **OFFLINE}, timeout=300)
+                            capture_output=True, text=True, env=script_env(), timeout=300)
     assert_clean_error(result, 'cannot write', 'free some space', failing)
     assert (model_dir / 'model_0.pth').read_bytes() == good
     left = sorted(p.name for p in model_dir.iterdir() if p.name != LOCK_FILE)  # the lock stays: it is reused
@@ -246,9 +246,9 @@ def test_two_runs_started_together_get_a_run_folder_each(tmp_path):
 def test_a_closed_output_pipe_stops_training_quietly(tmp_path):
     """`python train.py | head -1`: the reader is gone, so the run stops as other tools do (not blamed on
     TensorBoard, no traceback); every line was written when printed, so head got its line at once."""
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONUNBUFFERED'}  # as in a user's shell
     process = subprocess.Popen([sys.executable, str(ROOT / 'train.py'), '--dry-run'], cwd=tmp_path,
-                               env={**env, **OFFLINE}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=script_env(PYTHONUNBUFFERED=None),  # buffered unless told, as in a shell
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stdout.readline() == 'training device: cpu\n'  # not held back in a buffer
     process.stdout.close()
     err = process.stderr.read()

@@ -9,8 +9,9 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import (CLASSES, CPU, OFFLINE, ROOT, SCRIPTS, TRAIN_FLAGS, assert_clean_error, fails_cleanly,
-                      load_weights, run_main, run_script, same_weights, scalars, write_cifar10, write_image_folders)
+from conftest import (CLASSES, CPU, ROOT, SCRIPTS, TRAIN_FLAGS, assert_clean_error, fails_cleanly,
+                      load_weights, run_main, run_script, same_weights, scalars, script_env, write_cifar10,
+                      write_image_folders)
 from training.data import CIFAR10
 
 
@@ -181,7 +182,7 @@ def test_a_progress_bar_on_a_terminal_and_none_elsewhere(cifar_dir, tmp_path, ru
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 100, 0, 0))  # 24 x 100, as a window has
     process = subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *map(str, ONE_EPOCH), '--data-dir',
                                 str(cifar_dir)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=terminal,
-                               env={**os.environ, **OFFLINE})
+                               env=script_env())
     os.close(terminal)
     shown = b''
     while True:  # read as it comes, so that the bar never waits for us
