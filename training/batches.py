@@ -13,9 +13,14 @@ augmentation (random crop and mirror, ``--crop-padding`` / ``--flip``): whole ba
 device in the memory path, on the CPU in the stream path, with the same result. With --normalize the
 batches come normalised by the training set's per-channel mean and standard deviation.
 
+In a run of several processes (train_ddp.py), ``--batch-size`` is the global batch: every process goes
+through the same global batches and takes its own consecutive part of each, so that together they see
+exactly the batches one process would.
+
     train_batches, test_batches = make_batches(data, args, device)
     for images, targets in train_batches.epoch(epoch):   # test_batches: just iterate
 """
+import contextlib
 import hashlib
 import os
 import time
@@ -27,8 +32,9 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 from .data import IMAGE_SIZE, Data
-from .errors import UserError
-from .files import atomic_save
+from .distributed import ProcessGroup, share_bounds
+from .errors import UnreadableImage, UserError
+from .files import atomic_save, one_at_a_time
 from .recipe import Normalize, augment, augment_plan, channel_stats, stats_sample
 
 BYTES_PER_IMAGE = 3 * IMAGE_SIZE * IMAGE_SIZE
@@ -68,6 +74,27 @@ class Batches:
     def __init__(self, n: int, batch_size: int, channels_last: bool):
         self.n, self.batch_size, self.channels_last = n, batch_size, channels_last
         self.normalize, self._normalize = None, None
+        self.rank, self.world_size = 0, 1
+        self.share_of_batch = 1.0  # this process's fraction of the global batch under way
+
+    def share_with(self, group: ProcessGroup, training: bool = True) -> None:
+        """Make this process take its part of every global batch (a run of ``group.world_size`` processes).
+        A training step needs at least one image in every process (a test batch does not)."""
+        if self.batch_size % group.world_size:
+            raise UserError(f'--batch-size {self.batch_size} is the global batch and must be shared evenly by the '
+                            f'{group.world_size} processes: give a multiple of {group.world_size}')
+        last = self.n % self.batch_size
+        if training and 0 < last < group.world_size:
+            raise UserError(f'the last batch of an epoch would have {last} image(s), too few for '
+                            f'{group.world_size} processes to share: choose another --batch-size')
+        self.rank, self.world_size = group.rank, group.world_size
+
+    def mine(self, start: int) -> tuple:
+        """(start, end) of this process's part of the global batch that begins at image ``start``."""
+        count = min(self.batch_size, self.n - start)
+        first, end = share_bounds(count, self.rank, self.world_size)
+        self.share_of_batch = (end - first) / count
+        return start + first, start + end
 
     def set_normalization(self, stats: dict, device) -> None:
         """--normalize: batches come as (image - mean) / std per channel; ``stats`` go into the checkpoints."""
@@ -105,25 +132,31 @@ class TensorBatches(Batches):
         order = None if self.seed is None else epoch_order(n, self.seed, epoch).to(device)
         plan = self.augmentation.plan(n, epoch).to(device) if self.augmentation else None
         for start in range(skip * self.batch_size, n, self.batch_size):
-            index = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
+            first, end = self.mine(start)  # the whole batch, or this process's part of it
+            index = slice(first, end) if order is None else order[first:end]
             images = self.images[index]
             if plan is not None:  # on uint8, a quarter of the bytes float32 would move
-                images = self.augmentation(images, plan[start:start + self.batch_size])
+                images = self.augmentation(images, plan[first:end])
             images = images.permute(0, 3, 1, 2).float().div_(255)  # == ToTensor(), bit for bit
             yield self.finish(images), self.labels[index]
 
 
 class EpochSampler(Sampler):
-    """The same per-epoch order for the DataLoader path."""
+    """The DataLoader path's batches of indices: the same per-epoch order (``seed`` None: not shuffled), each
+    batch this process's part of the global one."""
 
-    def __init__(self, n: int, seed: int, batch_size: int):
-        self.n, self.seed, self.batch_size, self.epoch, self.skip = n, seed, batch_size, 0, 0
+    def __init__(self, batches: Batches, seed):
+        self.batches, self.seed, self.epoch, self.skip = batches, seed, 0, 0
 
     def __iter__(self):
-        return iter(epoch_order(self.n, self.seed, self.epoch)[self.skip * self.batch_size:].tolist())
+        b = self.batches
+        order = torch.arange(b.n) if self.seed is None else epoch_order(b.n, self.seed, self.epoch)
+        for start in range(self.skip * b.batch_size, b.n, b.batch_size):
+            first, end = b.mine(start)
+            yield order[first:end].tolist()
 
     def __len__(self) -> int:
-        return max(self.n - self.skip * self.batch_size, 0)
+        return max(len(self.batches) - self.skip, 0)
 
 
 class Unreadable:
@@ -162,8 +195,8 @@ class StreamBatches(Batches):
                  augmentation: Augmentation = None):
         super().__init__(len(dataset), batch_size, channels_last)
         self.dataset, self.augmentation = dataset, augmentation
-        self.sampler = None if shuffle_seed is None else EpochSampler(len(dataset), shuffle_seed, batch_size)
-        self.loader = DataLoader(ReportUnreadable(dataset), batch_size=batch_size, sampler=self.sampler,
+        self.sampler = EpochSampler(self, shuffle_seed)
+        self.loader = DataLoader(ReportUnreadable(dataset), batch_sampler=self.sampler,
                                  num_workers=num_workers, persistent_workers=num_workers > 0, collate_fn=collate,
                                  generator=torch.Generator())  # keeps DataLoader off the global RNG
 
@@ -171,18 +204,16 @@ class StreamBatches(Batches):
         return torch.stack([self.dataset[i][0] for i in index.tolist()])
 
     def epoch(self, epoch: int, skip: int = 0):
-        if self.sampler is not None:
-            self.sampler.epoch, self.sampler.skip = epoch, skip
+        self.sampler.epoch, self.sampler.skip = epoch, skip
         plan = self.augmentation.plan(self.n, epoch) if self.augmentation else None
-        start = skip * self.batch_size
-        for batch in self.loader:
+        for number, batch in enumerate(self.loader, start=skip):
             if isinstance(batch, Unreadable):
-                raise UserError(batch.message)
+                raise UnreadableImage(batch.message)
             images, labels = batch
+            first, end = self.mine(number * self.batch_size)  # (the workers may run ahead of this batch)
             if plan is not None:  # the same crops and mirrors as the memory path, on the CPU here
-                images = self.augmentation(images.permute(0, 2, 3, 1), plan[start:start + len(labels)])
+                images = self.augmentation(images.permute(0, 2, 3, 1), plan[first:end])
                 images = images.permute(0, 3, 1, 2)
-            start += len(labels)
             yield self.finish(images), labels
 
 
@@ -222,6 +253,13 @@ def decode_cached(dataset, cache_dir, split: str, threads: int, say=print) -> tu
     if cache_dir is None or not hasattr(dataset, 'samples'):
         return decode(dataset, threads)
     path = Path(cache_dir) / f'{split}-{cache_key(dataset)}.pt'
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with one_at_a_time(Path(cache_dir) / f'.{split}.lock'):  # several processes: one decodes, the others load
+        return _decode_cached(dataset, path, split, threads, say)
+
+
+def _decode_cached(dataset, path: Path, split: str, threads: int, say) -> tuple:
     if path.is_file():
         try:
             cached = torch.load(path, weights_only=True)
@@ -233,12 +271,12 @@ def decode_cached(dataset, cache_dir, split: str, threads: int, say=print) -> tu
     images, labels = decode(dataset, threads)
     try:
         atomic_save({'images': images, 'labels': labels}, path)
-        for stale in Path(cache_dir).glob(f'{split}-*.pt'):
+        for stale in path.parent.glob(f'{split}-*.pt'):
             if stale != path:
                 stale.unlink(missing_ok=True)
         where = f'cached in {path}'
     except OSError as e:
-        where = f'not cached: {cache_dir} is not writable ({e.strerror or e})'
+        where = f'not cached: {path.parent} is not writable ({e.strerror or e})'
     say(f'decoded {len(labels)} {split} images in {time.perf_counter() - start:.1f}s ({where})')
     return images, labels
 
@@ -256,10 +294,10 @@ def fits_in_memory(data: Data, device: torch.device) -> bool:
     return needed < free // 4
 
 
-def make_batches(data: Data, args, device: torch.device, resumed: dict = None) -> tuple:
+def make_batches(data: Data, args, device: torch.device, resumed: dict = None, group: ProcessGroup = None) -> tuple:
     """(train batches, test batches) in the way ``args.loader`` asks: auto, memory or stream. With
     ``args.normalize`` both are normalised by statistics of the training images (a resumed run keeps the
-    statistics its weights learned with)."""
+    statistics its weights learned with). With a process ``group``, this process's part of every batch."""
     mode, augmentation = args.loader, Augmentation.from_args(args)
     say = (lambda *a: None) if getattr(args, 'quiet', False) else print
     if mode == 'auto':
@@ -287,4 +325,7 @@ def make_batches(data: Data, args, device: torch.device, resumed: dict = None) -
             channel_stats(batches[0].images_at(stats_sample(len(data.train))))
         for b in batches:
             b.set_normalization(stats, device if mode == 'memory' else 'cpu')
+    if group is not None:
+        batches[0].share_with(group)
+        batches[1].share_with(group, training=False)
     return batches

@@ -16,6 +16,7 @@ import torch
 from model import MyModel
 
 from .data import CIFAR10_CLASSES
+from .distributed import unwrap
 from .errors import UserError
 from .files import atomic_save
 
@@ -33,7 +34,7 @@ def save_checkpoint(obj, path) -> None:
 
 def model_bundle(model, classes, **info) -> dict:
     """A self-describing checkpoint: weights plus what is needed to use them."""
-    return {'format': FORMAT, 'model': model.state_dict(), 'classes': list(classes), **info}
+    return {'format': FORMAT, 'model': unwrap(model).state_dict(), 'classes': list(classes), **info}
 
 
 def load_checkpoint(path, device='cpu') -> dict:
@@ -62,7 +63,7 @@ def load_checkpoint(path, device='cpu') -> dict:
 
 def mismatch(model, state_dict: dict):
     """None if ``state_dict`` fits ``model``, else which keys are missing or unexpected and which shapes differ."""
-    expected = model.state_dict()
+    expected = unwrap(model).state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     wrong_shape = [f'{k} {list(state_dict[k].shape)} vs {list(v.shape)}'

@@ -5,7 +5,8 @@ import argparse
 import os
 import sys
 
-from .errors import Interrupted, UserError
+from .distributed import is_main_process, leave_process_group, world_size
+from .errors import Interrupted, UnreadableImage, UserError
 from .recipe import RECIPES
 
 
@@ -145,6 +146,20 @@ def recipe_flags(p: ArgumentParser) -> None:
                    help=f'evaluate on each image and its mirror image, averaged {default("tta")}')
 
 
+def lost_contact(e: BaseException) -> bool:
+    """A collective failed because another process of the run is gone (or hangs)."""
+    import torch.distributed as dist
+    return world_size() > 1 and (isinstance(e, dist.DistError) or
+                                 (isinstance(e, RuntimeError) and any(w in str(e) for w in ('gloo', 'NCCL'))))
+
+
+def say(message: str, everywhere: bool = False) -> None:
+    """One line on stderr; in a run of several processes, from rank 0 only (the others would repeat it),
+    unless ``everywhere``."""
+    if everywhere or is_main_process():
+        print(message, file=sys.stderr)
+
+
 def run(main) -> None:
     """Call main() as the command line does: what stops it early becomes one line on stderr and an exit code.
     Every line printed is written at once, also into a pipe or a notebook (Python would otherwise keep it
@@ -154,13 +169,15 @@ def run(main) -> None:
     try:
         main()
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
+        say(f'error: {e}', everywhere=isinstance(e, UnreadableImage))
+        leave_process_group()
         sys.exit(2)
     except Interrupted as e:  # Ctrl+C or SIGTERM, after the training state was saved
-        print(e, file=sys.stderr)
+        say(str(e))
+        leave_process_group()
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # a second Ctrl+C, or one outside training: stop at once
-        print('interrupted', file=sys.stderr)
+        say('interrupted')
         sys.exit(130)
     except BrokenPipeError:  # `python train.py | head`: the reader left, so stop as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
@@ -170,3 +187,9 @@ def run(main) -> None:
         except BrokenPipeError:
             pass
         sys.exit(141)  # 128 + SIGPIPE, the code a shell shows for a closed pipe
+    except Exception as e:
+        if not lost_contact(e):
+            raise
+        say('stopped: another process of this run failed or was killed (its error, if it printed one, and '
+            "torchrun's report say which); the checkpoints written so far are complete (continue with --resume)")
+        sys.exit(1)

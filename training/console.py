@@ -3,6 +3,8 @@ import sys
 
 from tqdm import tqdm
 
+from .distributed import is_main_process
+
 
 def describe_run(args, data, train_batches, autocast, progress, run_dir) -> str:
     """The lines printed before the first epoch: data, plan, recipe, where things go."""
@@ -36,7 +38,7 @@ def progress_bar(batches, epoch: int, done: int, args):
     images -- images/s and time left -- when stderr is a terminal; none in CI logs or files."""
     return tqdm(batches.epoch(epoch, skip=done), desc=f'epoch {epoch + 1}/{args.epochs}', total=len(batches),
                 initial=done, leave=False, unit='img', unit_scale=args.batch_size, dynamic_ncols=True,
-                disable=args.quiet or not sys.stderr.isatty())
+                disable=args.quiet or not sys.stderr.isatty() or not is_main_process())
 
 
 def epoch_line(epoch: int, epochs: int, train, test, path) -> str:

@@ -3,6 +3,7 @@
 Every image reaches the model as the tutorial's ``ToTensor()`` makes it: float32 3x32x32 in [0, 1].
 How the images are batched (decoded once into memory, or streamed) is ``batches.py``'s concern.
 """
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from torchvision import transforms
 from torchvision.datasets.utils import download_and_extract_archive
 
 from .errors import UserError
+from .files import one_at_a_time
 
 CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer',
                    'dog', 'frog', 'horse', 'ship', 'truck']
@@ -82,7 +84,11 @@ def load_cifar10(root: Path) -> Data:
     folder = root / CIFAR10.base_folder
     files = [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta['filename']]
     if not all((folder / name).is_file() for name in files):
-        download_cifar10(root)
+        with contextlib.suppress(OSError):  # (a folder that cannot be made fails in the download, in one line)
+            root.mkdir(parents=True, exist_ok=True)
+        with one_at_a_time(root / '.download.lock'):  # several processes: one downloads, the others wait
+            if not all((folder / name).is_file() for name in files):
+                download_cifar10(root)
     try:
         train = CIFAR10(str(root), train=True, transform=transforms.ToTensor())
         test = CIFAR10(str(root), train=False, transform=transforms.ToTensor())

@@ -6,6 +6,11 @@ class UserError(Exception):
     """Something the user can fix (a missing file, a bad flag): printed as one line, exit code 2."""
 
 
+class UnreadableImage(UserError):
+    """An image of the data set cannot be read. With the DataLoader in a run of several processes only the
+    process that read it knows, so that process reports it (for other errors, rank 0 speaks for all)."""
+
+
 class Diverged(UserError):
     """The training loss became NaN or infinite: the weights are ruined from here on."""
 

@@ -1,10 +1,18 @@
 """Writing files so that a crash, a kill or a full disk never leaves half of one behind."""
+import contextlib
 import io
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
 
 
 def atomic_save(obj, path) -> None:
@@ -36,6 +44,29 @@ def atomic_save(obj, path) -> None:
             os.close(folder)
     except OSError:
         pass  # some file systems cannot fsync a folder; the data itself is already on disk
+
+
+@contextlib.contextmanager
+def one_at_a_time(path):
+    """Hold an exclusive lock on the file ``path`` (made if missing), waiting for whoever holds it: so that
+    of several processes (train_ddp.py's, or two runs) one downloads or decodes the data and the others then
+    find it done. Without a writable folder, no lock: the work is done anyway."""
+    try:
+        lock = open(path, 'a+')
+    except OSError:
+        yield
+        return
+    with lock:
+        if fcntl:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        else:
+            while True:
+                try:
+                    msvcrt.locking(lock.fileno(), msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:  # LK_LOCK gives up after 10 s
+                    time.sleep(1)
+        yield  # closing the file releases the lock
 
 
 def _umask() -> int:

@@ -5,6 +5,7 @@
   second run into the same folder stops at once instead of overwriting the first one's files.
 - Its TensorBoard run folder, ``logs/<run name>/``: always a new one, made with one ``mkdir`` that fails when
   the folder exists, so two runs started in the same second still get two folders.
+In a run of several processes (train_ddp.py), rank 0 alone writes them.
 """
 import itertools
 import os
@@ -14,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .checkpoint import model_bundle, save_checkpoint
+from .distributed import is_main_process, unwrap, world_size
 from .errors import UserError
 from .progress import Progress, training_state
 
@@ -38,11 +40,13 @@ class CheckpointFolder:
         self.path, self.script = Path(args.checkpoint_dir), args.script
         # what every bundle holds besides the weights: enough to use them (see checkpoint.py)
         self.bundle = {'classes': list(classes), 'config': config_of(args), 'normalize': normalize}
-        self.lock = None
+        self.lock, self.writes = None, is_main_process()  # several processes: rank 0 writes
 
     def __enter__(self):
         """Check that checkpoints can be written here (before training, not after the first epoch), take the
         folder, and remove the temporary files a killed run may have left."""
+        if not self.writes:
+            return self
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(dir=self.path, prefix='.write-test-')
@@ -58,14 +62,17 @@ class CheckpointFolder:
         return self
 
     def __exit__(self, *exc):
-        self.lock.close()  # closing the file releases the lock
+        if self.lock:
+            self.lock.close()  # closing the file releases the lock
 
     def save_epoch(self, epoch: int, model, optimizer, progress: Progress) -> Path:
         """After epoch ``epoch``: model_{epoch}.pth, best.pth when it is the best so far, and last.pth."""
-        bundle = model_bundle(model, **self.bundle, **progress.last_test, step=progress.step)
         path = self.path / f'model_{epoch}.pth'
+        if not self.writes:
+            return path
+        bundle = model_bundle(model, **self.bundle, **progress.last_test, step=progress.step)
         # the tutorial's plain state_dict, unless the images must be normalised to use the weights
-        save_checkpoint(bundle if self.bundle['normalize'] else model.state_dict(), path)
+        save_checkpoint(bundle if self.bundle['normalize'] else unwrap(model).state_dict(), path)
         if progress.best['epoch'] == epoch:
             save_checkpoint(bundle, self.path / 'best.pth')
         self.save_last(model, optimizer, progress)
@@ -73,13 +80,16 @@ class CheckpointFolder:
 
     def save_last(self, model, optimizer, progress: Progress, meter=None) -> None:
         """last.pth: the whole training state; ``meter`` is the epoch under way, when it was interrupted."""
-        save_checkpoint(training_state(model, optimizer, progress, progress.epoch, meter and meter.state_dict(),
-                                       **self.bundle), self.path / 'last.pth')
+        meter_state = meter and meter.state_dict()  # in every process: it sums over them
+        if self.writes:
+            save_checkpoint(training_state(model, optimizer, progress, progress.epoch, meter_state, **self.bundle),
+                            self.path / 'last.pth')
 
     def resume_hint(self, step: int) -> str:
         where = '' if self.path == Path('model') else f' --checkpoint-dir {self.path}'
+        start = 'python' if world_size() == 1 else f'torchrun --standalone --nproc-per-node={world_size()}'
         return (f'interrupted: training state saved in {self.path / "last.pth"} (step {step}); '
-                f'continue with: python {self.script} --resume{where}')
+                f'continue with: {start} {self.script} --resume{where}')
 
 
 def take_lock(path: Path, holder: str):

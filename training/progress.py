@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import mismatch, model_bundle
+from .distributed import unwrap
 from .errors import UserError
 
 
@@ -46,7 +47,7 @@ def restore(resumed, model, optimizer, classes) -> Progress:
     problem = mismatch(model, resumed['model'])
     if problem:
         raise UserError(f'{source} does not fit this model ({problem})')
-    model.load_state_dict(resumed['model'])  # copied onto the model's device
+    unwrap(model).load_state_dict(resumed['model'])  # copied onto the model's device (in every process)
     optimizer.load_state_dict(resumed['optimizer'])  # its state follows the parameters' device
     torch.set_rng_state(resumed['rng']['torch'].cpu())
     saved_cuda = resumed['rng'].get('cuda') or []

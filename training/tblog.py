@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.tensorboard import SummaryWriter
 
+from .distributed import is_main_process, unwrap, world_size
 from .errors import UserError
 from .folders import config_of, new_run_dir
 
@@ -73,14 +74,26 @@ def labelled_grid(dataset, classes, count: int = 32, per_row: int = 8, scale: in
     return np.asarray(grid)
 
 
+class NoWriter:
+    """What the processes other than rank 0 of a run of several write to: nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 class RunLog:
     """The run's SummaryWriter, in a run folder of its own (a resumed run's own folder, without the steps
     logged after its checkpoint). A write that fails (a full disk, a folder that went away) becomes one
-    UserError, whichever call meets it; every call is timed, so that the logging's cost is known."""
+    UserError, whichever call meets it; every call is timed, so that the logging's cost is known. In a run
+    of several processes, rank 0 alone writes: one run folder, whatever the number of processes."""
 
     def __init__(self, args, progress, classes):
         self.args, self.classes, self.seconds, self.started = args, list(classes), 0.0, time.perf_counter()
         resumed = progress.run_dir is not None
+        self.writes = is_main_process()
+        if not self.writes:
+            self.run_dir, self.writer = Path(progress.run_dir or args.log_dir), NoWriter()
+            return
         with self.guard(Path(progress.run_dir or args.log_dir)):
             self.run_dir = Path(progress.run_dir) if resumed else new_run_dir(args.log_dir, args.run_name,
                                                                               args.script)
@@ -133,6 +146,9 @@ class RunLog:
 
     def log_run_start(self, model, dataset) -> None:
         """Once per run: sample training images with their labels, and the model's graph."""
+        if not self.writes:
+            return
+        model = unwrap(model)
         example = torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device)
         if self.args.channels_last:
             example = example.contiguous(memory_format=torch.channels_last)
@@ -152,7 +168,9 @@ class RunLog:
         weights and of the last step's gradients, and the buffered events on disk, so that a TensorBoard
         that is watching sees each epoch as it ends. After the last epoch (``test`` kept its outputs):
         a precision-recall curve per class, and the settings with the final and best metrics (HPARAMS)."""
-        w = self.writer
+        if not self.writes:
+            return
+        w, model = self.writer, unwrap(model)
         with self.guard():
             w.add_scalar('epoch_seconds', train.seconds, epoch)
             w.add_scalar('images_per_second', train.images / max(train.seconds, 1e-9), epoch)
@@ -171,6 +189,7 @@ class RunLog:
                 for c, name in enumerate(self.classes):
                     w.add_pr_curve(f'pr_curve/{name}', test.targets == c, test.probabilities[:, c], epoch)
                 hparams = {k: v for k, v in config_of(self.args).items() if isinstance(v, (int, float, str, bool))}
+                hparams['world_size'] = world_size()  # processes that trained together
                 w.add_hparams(hparams, {'hparam/best_test_accuracy': best['accuracy'],
                                         'hparam/best_epoch': best['epoch'],
                                         'hparam/final_test_accuracy': test.accuracy,
