@@ -1,6 +1,6 @@
-"""The three training scripts are the lesson: each shows the tutorial's routine itself, and they differ only
-in their docstrings, their default epoch count and their device lines. A fix to one is a fix to all three:
-this test fails until the others get it too."""
+"""The training scripts are the lesson: each shows the tutorial's routine itself, and they differ only in
+their docstrings, their default epoch count and their device lines (train_ddp.py: its distributed lines).
+A fix to one is a fix to all four: this test fails until the others get it too."""
 import ast
 import difflib
 import re
@@ -22,6 +22,23 @@ ALLOWED = [re.compile(pattern) for pattern in [
     r'if use_cuda:( +#.*)?',
     r'(model|loss_fn|test_loss_fn|images|targets) = \1\.(cuda\(\)|to\(device\))( +#.*)?',
 ]]
+# the lines in which train_ddp.py may differ from train_gpu_2.py: the distributed ones
+DISTRIBUTED = [re.compile(pattern) for pattern in [
+    r'import torch\.distributed as dist',
+    r'from torch\.nn\.parallel import DistributedDataParallel',
+    r'from training\.device import [\w, ]+',
+    r'from training\.distributed import [\w, ]+',
+    r'# the device, chosen once',
+    r'# the process group: .*',
+    r'device = select_device\(args\.device\)( +#.*)?',
+    r'group = join_process_group\(args\.device\)( +#.*)?',
+    r'device = group\.device',
+    r"print\(f'training device: \{device\}.*",
+    r'train_batches, test_batches = make_batches\(data, args, device, resumed(, group)?\)( +#.*)?',
+    r'model = DistributedDataParallel\(model, device_ids=group\.device_ids\)( +#.*)?',
+    r'model\.register_comm_hook\(train_batches, average_over_images\)( +#.*)?',
+    r'dist\.destroy_process_group\(\)',
+]]
 # the routine of lessons P26-P30, in the order each script must show it
 ROUTINE = ['training_settings(', 'device = ', 'load_training_data(', 'make_batches(', 'model = MyModel(',
            'loss_fn = nn.CrossEntropyLoss(', 'optimizer = make_optimizer(', 'RunLog(', 'for epoch in range(',
@@ -38,18 +55,26 @@ def code_lines(script: str) -> list:
     return [line.strip() for line in text.splitlines()[body_start - 1:]]
 
 
-def unexplained_differences(a: list, b: list) -> list:
-    """The lines that differ between two scripts and are not device lines."""
+def unexplained_differences(a: list, b: list, allowed=ALLOWED) -> list:
+    """The lines that differ between two scripts and are not device lines (not ``allowed``)."""
     matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
     changed = [line for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != 'equal'
                for line in a[i1:i2] + b[j1:j2]]
-    return [line for line in changed if not any(p.fullmatch(line) for p in ALLOWED)]
+    return [line for line in changed if not any(p.fullmatch(line) for p in allowed)]
 
 
 @pytest.mark.parametrize('a, b', [('train.py', 'train_gpu_1.py'), ('train_gpu_1.py', 'train_gpu_2.py'),
                                   ('train.py', 'train_gpu_2.py')])
 def test_the_scripts_differ_only_in_their_device_lines(a, b):
     assert unexplained_differences(code_lines(a), code_lines(b)) == []
+
+
+def test_train_ddp_differs_from_train_gpu_2_only_in_its_distributed_lines():
+    assert unexplained_differences(code_lines('train_gpu_2.py'), code_lines('train_ddp.py'), DISTRIBUTED) == []
+    lines = code_lines('train_ddp.py')  # and a change of the routine in train_ddp.py alone is caught
+    changed = [line.replace('loss.backward()', 'loss.mean().backward()') for line in lines]
+    assert unexplained_differences(code_lines('train_gpu_2.py'), changed, DISTRIBUTED) == \
+        ['loss.backward()', 'loss.mean().backward()']
 
 
 def test_the_comparison_catches_a_change_to_one_script():
@@ -61,7 +86,7 @@ def test_the_comparison_catches_a_change_to_one_script():
     assert unexplained_differences(lines, lines[:-3] + lines[-2:]) != []  # a line missing in one
 
 
-@pytest.mark.parametrize('script', SCRIPTS)
+@pytest.mark.parametrize('script', [*SCRIPTS, 'train_ddp.py'])
 def test_each_script_shows_the_routine_in_the_tutorials_order(script):
     lines, position = code_lines(script), 0
     for step in ROUTINE:
@@ -88,7 +113,8 @@ def moves_in_loops(script: str, move: str) -> dict:
     return where
 
 
-@pytest.mark.parametrize('script, move', [('train_gpu_1.py', 'cuda()'), ('train_gpu_2.py', 'to(device)')])
+@pytest.mark.parametrize('script, move', [('train_gpu_1.py', 'cuda()'), ('train_gpu_2.py', 'to(device)'),
+                                          ('train_ddp.py', 'to(device)')])
 def test_the_device_lines_stand_where_the_lessons_put_them(script, move):
     assert moves_in_loops(script, move) == {'setup': ['model', 'loss_fn', 'test_loss_fn'],
                                             'train loop': ['images', 'targets'], 'test loop': ['images', 'targets']}

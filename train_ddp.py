@@ -1,0 +1,133 @@
+"""Train MyModel on CIFAR-10 in several processes at once with DistributedDataParallel, started by torchrun:
+one process per GPU, on one machine or several (after lesson P30's train_gpu_2.py).
+
+    torchrun --standalone --nproc-per-node=gpu train_ddp.py                # every GPU of this machine
+    torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train_ddp.py
+    torchrun --standalone --nproc-per-node=2 train_ddp.py --epochs 1       # no GPU: 2 processes on the CPU
+    torchrun --standalone --nproc-per-node=gpu train_ddp.py --resume       # continue after Ctrl+C
+    python train_ddp.py                                                    # without torchrun: one process
+
+The routine is train_gpu_2.py's; the lines that differ are the distributed ones. Every process builds the
+same model; --batch-size is the global batch, and each process takes its share of every batch in the order
+one process would use, so N processes train exactly as one would (up to the order of float additions).
+Each step, DistributedDataParallel averages the gradients over the processes. Rank 0 alone prints, writes
+TensorBoard (logs/<run>/) and the checkpoints (model/), which are the same files, with MyModel's own keys,
+as train_gpu_2.py's: either script continues the other's run with --resume.
+"""
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from model import MyModel
+from training.batches import make_batches
+from training.cli import run
+from training.console import describe_run, epoch_line, progress_bar, summary_line
+from training.data import load_training_data
+from training.device import Autocast, use_fast_paths
+from training.distributed import average_over_images, join_process_group
+from training.folders import CheckpointFolder
+from training.meters import TestMeter, TrainMeter
+from training.progress import restore
+from training.recipe import clip_gradients, lr_schedule, make_optimizer, set_learning_rate
+from training.settings import training_settings
+from training.signals import GracefulStop
+from training.tblog import RunLog
+
+
+def main(argv=None):
+    # settings: the tutorial's defaults, a --recipe's, or those of the run that --resume continues
+    args, resumed = training_settings(argv, __file__, __doc__, epochs=30, device_flag=True)
+
+    # the process group: torchrun starts the processes and gives each its RANK and LOCAL_RANK
+    group = join_process_group(args.device)  # auto: cuda:LOCAL_RANK with NCCL, else the cpu with gloo
+    device = group.device
+    print(f'training device: {device} (process {group.rank} of {group.world_size}; rank 0 prints, logs and saves)')
+
+    # data: CIFAR-10 or your own image folders, cut into batches (see training/batches.py)
+    data = load_training_data(args)
+    train_batches, test_batches = make_batches(data, args, device, resumed, group)  # this process's share
+
+    # the model, the loss functions and the optimizer
+    torch.manual_seed(args.seed)  # same seed, same initial weights
+    model = MyModel(num_classes=len(data.classes))
+    model = model.to(device)
+    use_fast_paths(model, args, device)  # channels_last, cuDNN autotuning, --compile
+    model = DistributedDataParallel(model, device_ids=group.device_ids)  # the processes' gradients, averaged
+    model.register_comm_hook(train_batches, average_over_images)  # ... weighted by each one's share of a batch
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)  # no smoothing in the tutorial recipe
+    loss_fn = loss_fn.to(device)
+    test_loss_fn = nn.CrossEntropyLoss(reduction='sum')  # the test loss: summed, then per image
+    test_loss_fn = test_loss_fn.to(device)
+    optimizer = make_optimizer(model, args)  # SGD, lr 0.01 in the tutorial recipe
+    lr_at = lr_schedule(args, total_steps=args.epochs * len(train_batches))  # --schedule; constant: --lr
+    autocast = Autocast(args.precision, device)  # bf16 where the hardware computes it natively, else fp32
+    progress = restore(resumed, model, optimizer, data.classes)  # step 0, or where --resume continues
+
+    with CheckpointFolder(args, data.classes, train_batches.normalize) as checkpoints, \
+            RunLog(args, progress, data.classes) as writer, GracefulStop() as stop:
+        if not args.quiet:
+            print(describe_run(args, data, train_batches, autocast, progress, writer.run_dir))
+        if resumed is None:
+            writer.log_run_start(model, data.train)  # sample images and the model's graph
+
+        for epoch in range(progress.epoch, args.epochs):
+            # training: the step of lessons P26-28
+            model.train()
+            meter = TrainMeter(device, progress.meter)  # running sums, kept on the device
+            # this epoch's shuffled batches (after a --resume, the ones not done yet), with a bar in a terminal
+            for images, targets in progress_bar(train_batches, epoch, meter.batches, args):
+                if stop.requested:  # Ctrl+C or SIGTERM: stop between two steps
+                    break
+                images = images.to(device)  # costs nothing when the batch is already there (--loader memory)
+                targets = targets.to(device)
+                with autocast():
+                    outputs = model(images)
+                    loss = loss_fn(outputs, targets)
+                optimizer.zero_grad()
+                loss.backward()
+                clip_gradients(model, args.clip_grad)  # --clip-grad; 0 (off) in the tutorial recipe
+                set_learning_rate(optimizer, lr_at(progress.step))
+                optimizer.step()
+
+                progress.step += 1
+                meter.add(loss, outputs, targets)  # no .item(): it would make the CPU wait for the GPU
+                if progress.step % args.log_interval == 0:
+                    train_loss = meter.window_loss(progress.step)  # mean since the last log; stops on NaN
+                    writer.add_scalar('train_loss', train_loss, progress.step)
+                    writer.add_scalar('learning_rate', optimizer.param_groups[0]['lr'], progress.step)
+            if stop.requested:  # save where training stands, then exit 130 (Ctrl+C) or 143 (SIGTERM)
+                checkpoints.save_last(model, optimizer, progress, meter)
+                raise stop.interrupted(checkpoints.resume_hint(progress.step))
+            train = meter.result(progress.step)  # the epoch's mean loss and accuracy
+
+            # testing: lesson P27's test loop
+            model.eval()
+            tester = TestMeter(device, keep_outputs=epoch == args.epochs - 1)  # all outputs at the end
+            with torch.no_grad():
+                for images, targets in test_batches:
+                    images = images.to(device)
+                    targets = targets.to(device)
+                    with autocast():
+                        outputs = model(images)
+                        if args.tta:  # --tta: average with the scores of the mirror image
+                            outputs = (outputs + model(images.flip(3))) / 2
+                        loss = test_loss_fn(outputs, targets)
+                    tester.add(loss, outputs, targets)
+            test = tester.result()  # mean loss per image, accuracy, confusion matrix
+
+            # TensorBoard and the epoch's checkpoints
+            writer.add_scalar('test_loss', test.loss, epoch)
+            writer.add_scalar('test_accuracy', test.accuracy, epoch)
+            progress.end_epoch(epoch, train, test)  # and the best accuracy so far
+            writer.log_epoch(epoch, model, train, test, progress.best)  # per class, confusion matrix, ...
+            path = checkpoints.save_epoch(epoch, model, optimizer, progress)  # model_{epoch}, best, last .pth
+            if not args.quiet:
+                print(epoch_line(epoch, args.epochs, train, test, path))
+        print(summary_line(args, progress, checkpoints, writer))
+    dist.destroy_process_group()
+    return progress
+
+
+if __name__ == '__main__':
+    run(main)
