@@ -117,8 +117,8 @@ def test_one_run_folder_whatever_the_number_of_processes(one_and_two):
     a, b = scalars(one / 'logs' / 'run', 'train_loss'), scalars(two / 'logs' / 'run', 'train_loss')
     assert [s for s, _ in a] == [s for s, _ in b]
     assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-4)
-    test_accuracy = scalars(one / 'logs' / 'run', 'test_accuracy')
-    assert scalars(two / 'logs' / 'run', 'test_accuracy') == pytest.approx(test_accuracy)
+    test_accuracy = [value for _, value in scalars(one / 'logs' / 'run', 'test_accuracy')]
+    assert [value for _, value in scalars(two / 'logs' / 'run', 'test_accuracy')] == pytest.approx(test_accuracy)
     events = b''.join(path.read_bytes() for path in (two / 'logs' / 'run').rglob('events.out.tfevents.*'))
     assert b'world_size' in events  # among the hparams
 

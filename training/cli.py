@@ -153,43 +153,40 @@ def lost_contact(e: BaseException) -> bool:
                                  (isinstance(e, RuntimeError) and any(w in str(e) for w in ('gloo', 'NCCL'))))
 
 
-def say(message: str, everywhere: bool = False) -> None:
-    """One line on stderr; in a run of several processes, from rank 0 only (the others would repeat it),
-    unless ``everywhere``."""
-    if everywhere or is_main_process():
-        print(message, file=sys.stderr)
-
-
 def run(main) -> None:
     """Call main() as the command line does: what stops it early becomes one line on stderr and an exit code.
     Every line printed is written at once, also into a pipe or a notebook (Python would otherwise keep it
     in a buffer of several kilobytes)."""
     if hasattr(sys.stdout, 'reconfigure'):
         sys.stdout.reconfigure(line_buffering=True)
+    message, code, everywhere = None, 0, False
     try:
         main()
     except UserError as e:
-        say(f'error: {e}', everywhere=isinstance(e, UnreadableImage))
-        leave_process_group()
-        sys.exit(2)
+        message, code, everywhere = f'error: {e}', 2, isinstance(e, UnreadableImage)
     except Interrupted as e:  # Ctrl+C or SIGTERM, after the training state was saved
-        say(str(e))
-        leave_process_group()
-        sys.exit(e.exit_code)
+        message, code = str(e), e.exit_code
     except KeyboardInterrupt:  # a second Ctrl+C, or one outside training: stop at once
-        say('interrupted')
-        sys.exit(130)
+        message, code = 'interrupted', 130
     except BrokenPipeError:  # `python train.py | head`: the reader left, so stop as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
-        try:
-            print('stopped: the output pipe was closed; every checkpoint written so far is complete '
-                  '(continue a training run with --resume)', file=sys.stderr)
-        except BrokenPipeError:
-            pass
-        sys.exit(141)  # 128 + SIGPIPE, the code a shell shows for a closed pipe
+        message, code, everywhere = ('stopped: the output pipe was closed; every checkpoint written so far is '
+                                     'complete (continue a training run with --resume)'), 141, True  # 128 + SIGPIPE
     except Exception as e:
         if not lost_contact(e):
             raise
-        say('stopped: another process of this run failed or was killed (its error, if it printed one, and '
-            "torchrun's report say which); the checkpoints written so far are complete (continue with --resume)")
-        sys.exit(1)
+        message, code = ('stopped: another process of this run failed or was killed (its error, if it printed one, '
+                         "and torchrun's report say which); the checkpoints written so far are complete (continue "
+                         'with --resume)'), 1
+    # here, after the except clauses, main()'s frames (and train_ddp.py's model) are gone
+    speaks = everywhere or is_main_process()  # in a run of several processes, rank 0 speaks for all (the others
+    # would repeat it), except of what only one process can know; asked before the process group is left
+    if code != 1:  # a group that lost a process cannot be shut down in order
+        leave_process_group()
+    if message:
+        if speaks:
+            try:
+                print(message, file=sys.stderr)
+            except BrokenPipeError:
+                pass
+        sys.exit(code)

@@ -30,6 +30,12 @@ from .errors import UserError
 # noticed at once: torchrun stops the others.)
 COLLECTIVE_TIMEOUT = timedelta(minutes=2)
 
+# A reference to the process group, dropped by leave_process_group(). Without it, the last reference can be
+# DistributedDataParallel's, and freeing the model then frees the group while holding Python's lock, which
+# deadlocks against a gloo thread that needs that lock to free a tensor (seen with PyTorch 2.6, now and then,
+# at the very end of a run). The group's own handle releases the lock when it frees the group.
+_kept = []
+
 
 @dataclass
 class ProcessGroup:
@@ -66,6 +72,7 @@ def join_process_group(device_name: str = 'auto') -> ProcessGroup:
                                 device_id=device if cuda else None)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=COLLECTIVE_TIMEOUT)
+    _kept.append(dist.group.WORLD)
     group = ProcessGroup(dist.get_rank(), dist.get_world_size(), device)
     if group.rank != 0:  # one process speaks for the run; errors still reach stderr (see cli.run)
         sys.stdout = open(os.devnull, 'w')
@@ -73,8 +80,10 @@ def join_process_group(device_name: str = 'auto') -> ProcessGroup:
 
 
 def leave_process_group() -> None:
+    """Destroy the process group (when the script has not yet), after the model that used it is gone."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    _kept.clear()
 
 
 def rank() -> int:
