@@ -21,15 +21,21 @@ def atomic_save(obj, path) -> None:
     Readers see either the old file or the complete new one, never a part. Raises OSError (with the
     temporary file removed) when the folder cannot be written or the disk is full.
     """
-    path = Path(path)
     buffer = io.BytesIO()
     torch.save(obj, buffer)  # serialise first, so that a failed write is a plain OSError
+    atomic_write(buffer.getbuffer(), path)
+
+
+def atomic_write(data, path) -> None:
+    """Write the bytes ``data`` to ``path`` as atomic_save does: a temporary file, fsync, rename."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        if hasattr(os, 'fchmod'):  # (not on Windows before Python 3.13)
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, 'wb') as f:
-            f.write(buffer.getbuffer())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
