@@ -4,11 +4,15 @@
     python test.py images/cat.jpg my_photos/ --checkpoint model/best.pth --top-k 5
     python test.py --eval --checkpoint model/best.pth   # per-class accuracy, confusion matrix, mistakes
     python test.py --json                            # machine-readable, for any of the above
+    python test.py images/ --explain explained/      # a picture per image: what the model saw, and where
+    python test.py --checkpoint tudui_29_gpu.pth --convert tudui_29.pth   # a lessons' whole-model file
 
 Any size or format Pillow reads (PNG, JPEG, GIF, WebP, BMP, TIFF ...) is shrunk to 32x32 as CIFAR-10
 images are, then normalised with the statistics the checkpoint was trained with (--recipe fast).
 Checkpoints load with map_location (a GPU-trained model works on a CPU-only machine) and
-weights_only=True (a checkpoint can never run code). A folder argument means every image in it.
+weights_only=True (a checkpoint can never run code), also the whole models the lessons save with
+torch.save(tudui, ...): their weights are read without the class Tudui and without running any code.
+A folder argument means every image in it.
 """
 import argparse
 import json
@@ -26,10 +30,13 @@ from training.cli import ArgumentParser, positive_int, run
 from training.data import CHINESE_NAMES, IMAGE_SIZE, load_data
 from training.device import select_device
 from training.errors import UserError
-from training.recipe import inference_net
+from training.explain import write_explanations
+from training.files import atomic_save
+from training.recipe import Normalize, inference_net
 from training.report import evaluation_report, format_report
 
 IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.gif', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm'}
+UNSURE = 0.5  # a top probability below this: say that the model is unsure
 PREPROCESS = transforms.Compose([transforms.Resize((IMAGE_SIZE, IMAGE_SIZE)), transforms.ToTensor()])
 
 
@@ -49,12 +56,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def load_image(path: Path) -> torch.Tensor:
     """One image file -> a 3x32x32 float tensor in [0, 1], exactly as training saw its images."""
+    return PREPROCESS(load_picture(path))
+
+
+def load_picture(path: Path) -> Image.Image:
+    """One image file, upright and in RGB, at its own size."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('error', Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image = ImageOps.exif_transpose(image)  # phone photos: upright, as they are shown
-                return PREPROCESS(to_rgb(image))
+                return to_rgb(image)
     except FileNotFoundError:
         raise UserError(f'{path}: no such file') from None
     except IsADirectoryError:
@@ -92,9 +104,9 @@ def display_name(name: str) -> str:
     return f'{name} {CHINESE_NAMES[name]}' if name in CHINESE_NAMES else name
 
 
-def classify(model, classes, paths, device, top_k: int) -> list:
+def classify(model, classes, images, paths, device, top_k: int) -> list:
     """[{'image', 'top': [{'class', 'chinese', 'probability'}, ...]}] for each image, best guess first."""
-    images = torch.stack([load_image(p) for p in paths]).to(device)
+    images = images.to(device)
     model.eval()
     with torch.no_grad():
         probabilities = model(images).float().softmax(dim=1).cpu()
@@ -120,9 +132,21 @@ def main(argv=None):
     parser.add_argument('--tta', action=argparse.BooleanOptionalAction,
                         help='also look at the mirror image and average (default: as the checkpoint was trained, '
                              'on for --recipe fast)')
+    parser.add_argument('--explain', metavar='DIR',
+                        help='also write DIR/<image>.explain.png for each image: the picture, the 32x32 image the '
+                             'model gets, a Grad-CAM heat map of where it saw the top class, the top-k bars')
+    parser.add_argument('--convert', metavar='OUT',
+                        help="instead of classifying: save the checkpoint's weights as a plain state_dict in OUT "
+                             "(for a lessons' whole-model file: then torch.load(OUT, weights_only=True) reads it)")
     args = parser.parse_args(argv)
     if args.eval and args.images:
         parser.error('--eval evaluates the test split: give no image arguments with it')
+    if args.convert and (args.images or args.eval or args.explain):
+        parser.error('--convert only converts the --checkpoint: give no images, --eval or --explain with it')
+    if args.convert and not args.checkpoint:
+        parser.error('--convert needs --checkpoint FILE: the file to convert')
+    if args.convert:
+        return convert(Path(args.checkpoint), Path(args.convert))
 
     device = select_device(args.device)
     paths = [] if args.eval else image_paths(args.images or ['images/dog.png'])
@@ -136,7 +160,12 @@ def main(argv=None):
         report = evaluation_report(net, classes, load_data(args.data_dir), device, str(checkpoint_path))
         print(json.dumps(report, ensure_ascii=False) if args.json else format_report(report))
         return
-    predictions = classify(net, classes, paths, device, args.top_k)
+    pictures = [(path, load_picture(path)) for path in paths]
+    images = torch.stack([PREPROCESS(picture) for _, picture in pictures])
+    predictions = classify(net, classes, images, paths, device, args.top_k)
+    if args.explain:  # Grad-CAM looks at the model itself (no mirror image), on the CPU
+        normalize = Normalize(**checkpoint['normalize']) if checkpoint.get('normalize') else None
+        explained = write_explanations(model.cpu(), normalize, pictures, images, predictions, args.explain)
     if args.json:
         print(json.dumps({'checkpoint': str(checkpoint_path), 'device': str(device), 'classes': classes,
                           'normalize': checkpoint.get('normalize'), 'tta': tta, 'predictions': predictions},
@@ -146,12 +175,41 @@ def main(argv=None):
         if checkpoint.get('test_accuracy') is not None else ''
     extras = ''.join(['; normalised as in training' if checkpoint.get('normalize') else '',
                       '; with its mirror image (TTA)' if tta else ''])
-    print(f'checkpoint: {checkpoint_path} ({len(classes)} classes{about}); device: {device}{extras}')
+    whole = checkpoint.get('whole_model')
+    kind = f'a whole {whole["class"]} model as the lessons save it, its weights read without running its code; ' \
+        if whole else ''
+    print(f'checkpoint: {checkpoint_path} ({kind}{len(classes)} classes{about}); device: {device}{extras}')
+    unsure = []
     for prediction in predictions:
         best = prediction['top'][0]
         guesses = ', '.join(f'{display_name(t["class"])} {t["probability"]:.1%}' for t in prediction['top'])
         print(f'{prediction["image"]}: {display_name(best["class"])} ({best["probability"]:.1%})   '
               f'top {len(prediction["top"])}: {guesses}')
+        if best['probability'] < UNSURE:
+            unsure.append(Path(prediction['image']).name)
+    if unsure:
+        print(f'note: the model is unsure about {", ".join(unsure[:5])}{" ..." if len(unsure) > 5 else ""} (top '
+              f'guess under {UNSURE:.0%}): a CIFAR-10 model knows {len(classes)} kinds of object, seen as 32x32 '
+              f'thumbnails where the object fills the frame; other things, or small objects in a large photo, '
+              f'only get its nearest guess')
+    if args.explain:
+        print(f'explained: {", ".join(str(p) for p in explained)}')
+
+
+def convert(source: Path, target: Path) -> None:
+    """--convert: the checkpoint's weights as a plain MyModel state_dict in ``target`` (never over a file)."""
+    if target.exists():
+        raise UserError(f'--convert: {target} already exists; give a new file name (nothing was overwritten)')
+    checkpoint = load_checkpoint(source, 'cpu')
+    model = build_model(checkpoint['model'], source=str(source))
+    try:
+        atomic_save(model.state_dict(), target)
+    except OSError as e:
+        raise UserError(f'--convert: cannot write {target} ({e.strerror or e})') from None
+    note = '; it was trained on normalised images, which a plain state_dict does not record: keep using ' \
+        f'{source} with test.py' if checkpoint.get('normalize') else ''
+    print(f'converted {source} -> {target}: a plain state_dict with MyModel\'s keys '
+          f'(torch.load(\'{target}\', weights_only=True) reads it){note}')
 
 
 if __name__ == '__main__':

@@ -19,6 +19,7 @@ from .data import CIFAR10_CLASSES
 from .distributed import unwrap
 from .errors import UserError
 from .files import atomic_save
+from .whole_model import load_whole_model
 
 FORMAT = 'mymodel-checkpoint-v1'
 
@@ -38,27 +39,69 @@ def model_bundle(model, classes, **info) -> dict:
 
 
 def load_checkpoint(path, device='cpu') -> dict:
-    """Read a checkpoint of this project, or the tutorial's plain state_dict, onto ``device``.
+    """Read a checkpoint of this project, the tutorial's plain state_dict, or a whole model saved the lessons'
+    way (``torch.save(tudui, ...)``, see whole_model.py), onto ``device``.
 
     Returns a dict with at least 'model' (a state_dict) and 'classes' (names, or None if unknown).
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f'checkpoint {path} not found' + (' (it is a folder)' if path.is_dir() else ''))
+    what = not_a_checkpoint(path)
+    if what:
+        raise UserError(f'{path} is not a PyTorch checkpoint: {what}; give a .pth file saved by torch.save')
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else 'unsupported content'
-        raise UserError(f'refused to load {path}: it holds more than weights (code or objects that weights_only '
-                        f'loading does not allow: {first_line[:120]}); use checkpoints you trust') from None
-    except Exception as e:  # truncated zip, random bytes, an empty file ...
+    except pickle.UnpicklingError:  # it names classes or functions: a whole model, or code
+        obj = load_whole_model(path, named_globals(path), list(MyModel().state_dict()), model_shapes)
+        obj['model'] = {k: v.to(device) for k, v in obj['model'].items()}
+    except Exception as e:  # truncated zip, random bytes ...
         raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or damaged?): '
                         f'{type(e).__name__}') from None
-    if isinstance(obj, dict) and obj.get('format') == FORMAT:
+    if isinstance(obj, dict) and (obj.get('format') == FORMAT or 'whole_model' in obj):
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {'model': obj, 'classes': None}  # the tutorial's plain state_dict
     raise UserError(f'{path} is not a MyModel checkpoint (expected a state_dict or a checkpoint of this project)')
+
+
+SIGNATURES = [(b'\xff\xd8\xff', 'it is a JPEG image'), (b'\x89PNG', 'it is a PNG image'),
+              (b'GIF8', 'it is a GIF image'),
+              (b'RIFF', 'it is a RIFF file (WebP image, WAV sound ...)'), (b'%PDF', 'it is a PDF document'),
+              (b'\x1f\x8b', 'it is a gzip archive'), (b'BM', 'it is a BMP image')]
+
+
+def not_a_checkpoint(path: Path):
+    """What the file is instead, when its first bytes show it is no checkpoint (None: it may be one).
+    torch.save writes a zip archive, or (before PyTorch 1.6) a pickle, which starts with byte 0x80."""
+    with open(path, 'rb') as f:
+        head = f.read(512)
+    if not head:
+        return 'it is empty (0 bytes)'
+    if head.startswith(b'PK\x03\x04') or head[0] == 0x80:
+        return None
+    for signature, what in SIGNATURES:
+        if head.startswith(signature):
+            return what
+    try:
+        head.decode('utf-8')
+        return 'it is a text file'
+    except UnicodeDecodeError:
+        return None
+
+
+def named_globals(path: Path) -> list:
+    """The classes and functions a checkpoint names, read without loading it."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e:
+        raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or damaged?): '
+                        f'{type(e).__name__}') from None
+
+
+def model_shapes(num_classes: int) -> list:
+    """MyModel's weight shapes, in state_dict order."""
+    return [tuple(t.shape) for t in MyModel(num_classes).state_dict().values()]
 
 
 def mismatch(model, state_dict: dict):

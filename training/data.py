@@ -132,6 +132,9 @@ def load_image_folders(root: Path) -> Data:
         only_test = sorted(set(test.classes) - set(train.classes))
         raise UserError(f'{root}/train/ and {root}/test/ must hold the same class folders '
                         f'(only in train: {only_train or "-"}; only in test: {only_test or "-"})')
+    if len(train.classes) < 2:
+        raise UserError(f'{root}/train/ holds one class folder ({train.classes[0]}/): a classifier needs at least '
+                        f'two classes to tell apart; add a folder per class')
     return Data(train, test, list(train.classes), f'image folders in {root}/', cache_dir=root / '.cache')
 
 
