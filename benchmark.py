@@ -140,7 +140,7 @@ def main(argv=None):
                    help='training images to generate when there is no --data-dir (default: 20,000)')
     p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto')
     p.add_argument('--batch-size', type=positive_int, default=64, help='for both loops (default: 64)')
-    p.add_argument('--precision', choices=['auto', 'fp32', 'bf16'], default='auto', help="the project's")
+    p.add_argument('--precision', choices=['auto', 'fp32', 'bf16', 'fp16'], default='auto', help="the project's")
     p.add_argument('--compile', action='store_true', help='torch.compile the project\'s model')
     p.add_argument('--recipe', choices=list(RECIPES), default='tutorial', help="the project's recipe")
     p.add_argument('--warmup', type=non_negative_int, default=10,
@@ -163,7 +163,7 @@ def main(argv=None):
                       'test_img_s': statistics.median(s[1] for s in runs),
                       'peak_mem_added_mb': max(s[2] for s in runs) / 2**20} for name, runs in samples.items()}
     t, f = results['tutorial'], results['project']
-    precision = 'bf16' if Autocast(args.precision, device).dtype else 'fp32'
+    precision = {torch.bfloat16: 'bf16', torch.float16: 'fp16'}.get(Autocast(args.precision, device).dtype, 'fp32')
     print(f'device: {device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()}, '
           f'{torch.get_num_threads()} threads), torch {torch.__version__}, batch {args.batch_size}, project: '
           f'{precision}, recipe {args.recipe}{", compiled" if args.compile else ""}')

@@ -50,8 +50,9 @@ def main(argv=None):
     test_loss_fn = test_loss_fn.to(device)
     optimizer = make_optimizer(model, args)  # SGD, lr 0.01 in the tutorial recipe
     lr_at = lr_schedule(args, total_steps=args.epochs * len(train_batches))  # --schedule; constant: --lr
-    autocast = Autocast(args.precision, device)  # bf16 where the hardware computes it natively, else fp32
-    progress = restore(resumed, model, optimizer, data.classes)  # step 0, or where --resume continues
+    autocast = Autocast(args.precision, device)  # bf16 where the hardware computes it natively, fp16 on older GPUs
+    scaler = autocast.grad_scaler()  # fp16 only: scales the loss so that small gradients survive; else a no-op
+    progress = restore(resumed, model, optimizer, data.classes, scaler)  # step 0, or where --resume continues
 
     with CheckpointFolder(args, data.classes, train_batches.normalize) as checkpoints, \
             RunLog(args, progress, data.classes) as writer, GracefulStop() as stop:
@@ -74,10 +75,11 @@ def main(argv=None):
                     outputs = model(images)
                     loss = loss_fn(outputs, targets)
                 optimizer.zero_grad()
-                loss.backward()
-                clip_gradients(model, args.clip_grad)  # --clip-grad; 0 (off) in the tutorial recipe
+                scaler.scale(loss).backward()  # loss.backward(), with the loss scaled up first under fp16
+                clip_gradients(model, args.clip_grad, optimizer, scaler)  # --clip-grad; 0 (off) in the tutorial recipe
                 set_learning_rate(optimizer, lr_at(progress.step))
-                optimizer.step()
+                scaler.step(optimizer)  # optimizer.step(); under fp16 skipped when a gradient overflowed
+                scaler.update()
 
                 progress.step += 1
                 meter.add(loss, outputs, targets)  # no .item(): it would make the CPU wait for the GPU

@@ -43,7 +43,7 @@ DISTRIBUTED = [re.compile(pattern) for pattern in [
 ROUTINE = ['training_settings(', 'device = ', 'load_training_data(', 'make_batches(', 'model = MyModel(',
            'loss_fn = nn.CrossEntropyLoss(', 'optimizer = make_optimizer(', 'RunLog(', 'for epoch in range(',
            'model.train()', 'outputs = model(images)', 'loss = loss_fn(outputs, targets)', 'optimizer.zero_grad()',
-           'loss.backward()', 'optimizer.step()', "writer.add_scalar('train_loss'", 'model.eval()',
+           'scaler.scale(loss).backward()', 'scaler.step(optimizer)', "writer.add_scalar('train_loss'", 'model.eval()',
            'with torch.no_grad():', 'outputs = model(images)', 'loss = test_loss_fn(outputs, targets)',
            "writer.add_scalar('test_loss'", "writer.add_scalar('test_accuracy'", 'checkpoints.save_epoch(']
 
@@ -72,17 +72,17 @@ def test_the_scripts_differ_only_in_their_device_lines(a, b):
 def test_train_ddp_differs_from_train_gpu_2_only_in_its_distributed_lines():
     assert unexplained_differences(code_lines('train_gpu_2.py'), code_lines('train_ddp.py'), DISTRIBUTED) == []
     lines = code_lines('train_ddp.py')  # and a change of the routine in train_ddp.py alone is caught
-    changed = [line.replace('loss.backward()', 'loss.mean().backward()') for line in lines]
+    changed = [line.replace('scaler.update()', 'scaler.update(2.0)') for line in lines]
     assert unexplained_differences(code_lines('train_gpu_2.py'), changed, DISTRIBUTED) == \
-        ['loss.backward()', 'loss.mean().backward()']
+        ['scaler.update()', 'scaler.update(2.0)']
 
 
 def test_the_comparison_catches_a_change_to_one_script():
     lines = code_lines('train_gpu_2.py')
-    changed = [line.replace('optimizer.step()', 'optimizer.step()  # x') if line == 'optimizer.step()' else line
+    changed = [line.replace('scaler.update()', 'scaler.update()  # x') if line == 'scaler.update()' else line
                for line in lines]
-    assert unexplained_differences(code_lines('train_gpu_1.py'), changed) == ['optimizer.step()',
-                                                                              'optimizer.step()  # x']
+    assert unexplained_differences(code_lines('train_gpu_1.py'), changed) == ['scaler.update()',
+                                                                              'scaler.update()  # x']
     assert unexplained_differences(lines, lines[:-3] + lines[-2:]) != []  # a line missing in one
 
 

@@ -96,9 +96,10 @@ def training_parser(prog: str, description: str, epochs: int, device_flag: bool 
                    help='memory: decode the data set once into one tensor on the device (fast); stream: a '
                         'DataLoader reads every image every epoch (for data that does not fit); auto: memory '
                         'when it takes under a quarter of free memory (default: auto)')
-    p.add_argument('--precision', choices=['auto', 'fp32', 'bf16'], default='auto',
+    p.add_argument('--precision', choices=['auto', 'fp32', 'bf16', 'fp16'], default='auto',
                    help='bf16 autocast roughly doubles the speed where the hardware does bf16 natively; '
-                        'auto = bf16 there (recent NVIDIA GPUs, CPUs with AVX512-BF16 or AMX), else fp32')
+                        'auto = bf16 there (recent NVIDIA GPUs, CPUs with AVX512-BF16 or AMX), fp16 with gradient '
+                        'scaling on GPUs that do fp16 fast but not bf16 (T4, GTX 16, RTX 20), else fp32')
     p.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True,
                    help='NHWC memory layout, which the fast convolution kernels want (default: on)')
     p.add_argument('--cudnn-benchmark', action=argparse.BooleanOptionalAction, default=True,

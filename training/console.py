@@ -14,7 +14,7 @@ def describe_run(args, data, train_batches, autocast, progress, run_dir) -> str:
         f'data: {data.source}: {len(data.train)} training and {len(data.test)} test images, '
         f'{len(data.classes)} classes, {type(train_batches).__name__}',
         f'{args.epochs} epochs of {len(train_batches)} steps (batch {args.batch_size}, lr {args.lr}, seed {args.seed}, '
-        f'{"bf16 autocast" if autocast.dtype else "fp32"}{", channels_last" if args.channels_last else ""}'
+        f'{autocast.name}{", channels_last" if args.channels_last else ""}'
         f'{", compiled" if args.compile else ""}){resuming}',
         f'recipe {args.recipe}: {describe_recipe(args)}',
         f'TensorBoard: {run_dir}/  checkpoints: {args.checkpoint_dir}/'])

@@ -36,18 +36,31 @@ def has_native_bf16(device: torch.device) -> bool:
     return False
 
 
+def has_fast_fp16(device: torch.device) -> bool:
+    """NVIDIA GPUs from Volta on (compute capability 7.0: V100, T4, the GTX 16 and RTX 20 series ...) and the
+    P100 (6.0) compute fp16 fast. Other Pascal cards (6.1: the GTX 10 series) do fp16 at a small fraction of
+    their fp32 speed, so they stay in fp32."""
+    if device.type != 'cuda':
+        return False
+    capability = torch.cuda.get_device_capability(device)
+    return capability >= (7, 0) or capability == (6, 0)
+
+
 def autocast_dtype(precision: str, device: torch.device):
-    """torch.bfloat16 when autocast should run, None for plain fp32."""
-    if precision == 'fp32' or (precision == 'auto' and not has_native_bf16(device)):
+    """torch.bfloat16 or torch.float16 when autocast should run, None for plain fp32. auto: bf16 where the
+    hardware does it natively, else fp16 on GPUs that do fp16 fast (with a gradient scaler), else fp32."""
+    if precision == 'auto':
+        precision = 'bf16' if has_native_bf16(device) else 'fp16' if has_fast_fp16(device) else 'fp32'
+    if precision == 'fp32':
         return None
     if device.type not in ('cuda', 'cpu'):
-        raise UserError(f'--precision bf16 is not supported on {device.type}; use --precision fp32')
-    return torch.bfloat16
+        raise UserError(f'--precision {precision} is not supported on {device.type}; use --precision fp32')
+    return torch.bfloat16 if precision == 'bf16' else torch.float16
 
 
 class Autocast:
-    """``with autocast():`` -- bf16 autocast for the forward pass and the loss where it pays off, else
-    nothing. ``dtype`` is torch.bfloat16 or None (fp32)."""
+    """``with autocast():`` -- bf16 or fp16 autocast for the forward pass and the loss where it pays off,
+    else nothing. ``dtype`` is torch.bfloat16, torch.float16 or None (fp32)."""
 
     def __init__(self, precision: str, device: torch.device):
         self.dtype, self.device_type = autocast_dtype(precision, device), device.type
@@ -56,6 +69,18 @@ class Autocast:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
+
+    @property
+    def name(self) -> str:
+        names = {torch.bfloat16: 'bf16 autocast', torch.float16: 'fp16 autocast + gradient scaling'}
+        return names.get(self.dtype, 'fp32')
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """fp16's gradients can underflow to 0: the scaler multiplies the loss before backward() and divides the
+        gradients after, skipping the steps whose gradients overflowed. Under bf16 and fp32 it does nothing:
+        ``scaler.scale(loss)`` is ``loss`` and ``scaler.step(optimizer)`` is ``optimizer.step()``."""
+        enabled = self.dtype == torch.float16
+        return torch.amp.GradScaler(self.device_type if enabled else 'cpu', enabled=enabled)
 
 
 def use_fast_paths(model, args, device: torch.device) -> None:

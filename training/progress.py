@@ -20,6 +20,7 @@ class Progress:
     run_dir: str = None  # the run's TensorBoard folder, kept by a resumed run
     resumed_from: str = None  # the last.pth that --resume continues
     history: list = field(default_factory=list)  # one dict per epoch trained in this process
+    scaler: object = None  # fp16's gradient scaler, whose scale last.pth keeps
 
     def end_epoch(self, epoch: int, train, test) -> bool:
         """Record a finished epoch; True when its test accuracy is the best so far."""
@@ -35,11 +36,11 @@ class Progress:
         return False
 
 
-def restore(resumed, model, optimizer, classes) -> Progress:
+def restore(resumed, model, optimizer, classes, scaler=None) -> Progress:
     """A new run's Progress; with --resume, the interrupted run's, after putting its weights, its
-    optimizer state (momentum) and its random number generators' states back."""
+    optimizer state (momentum), fp16's loss scale and its random number generators' states back."""
     if resumed is None:
-        return Progress()
+        return Progress(scaler=scaler)
     source = resumed['path']
     if list(resumed['classes']) != list(classes):
         raise UserError(f'{source} was trained on other classes ({", ".join(resumed["classes"][:5])} ...) '
@@ -49,13 +50,15 @@ def restore(resumed, model, optimizer, classes) -> Progress:
         raise UserError(f'{source} does not fit this model ({problem})')
     unwrap(model).load_state_dict(resumed['model'])  # copied onto the model's device (in every process)
     optimizer.load_state_dict(resumed['optimizer'])  # its state follows the parameters' device
+    if scaler is not None and resumed.get('scaler'):
+        scaler.load_state_dict(resumed['scaler'])
     torch.set_rng_state(resumed['rng']['torch'].cpu())
     saved_cuda = resumed['rng'].get('cuda') or []
     for index in range(min(len(saved_cuda), torch.cuda.device_count())):  # a machine may have fewer GPUs
         torch.cuda.set_rng_state(saved_cuda[index].cpu(), index)
     return Progress(step=resumed['step'], epoch=resumed['resume']['epoch'], meter=resumed['resume']['meter'],
                     best=resumed['best'], last_test={k: resumed[k] for k in Progress().last_test},
-                    run_dir=resumed['run_dir'], resumed_from=source)
+                    run_dir=resumed['run_dir'], resumed_from=source, scaler=scaler)
 
 
 def training_state(model, optimizer, progress: Progress, epoch: int, meter_state, **bundle) -> dict:
@@ -64,6 +67,7 @@ def training_state(model, optimizer, progress: Progress, epoch: int, meter_state
     rng = {'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         rng['cuda'] = torch.cuda.get_rng_state_all()
+    scaler = progress.scaler.state_dict() if progress.scaler is not None and progress.scaler.is_enabled() else None
     return model_bundle(model, **bundle, **progress.last_test, step=progress.step, optimizer=optimizer.state_dict(),
-                        best=progress.best, run_dir=str(progress.run_dir), rng=rng,
+                        best=progress.best, run_dir=str(progress.run_dir), rng=rng, scaler=scaler,
                         resume={'epoch': epoch, 'meter': meter_state})

@@ -94,10 +94,12 @@ def set_learning_rate(optimizer, lr: float) -> None:
         group['lr'] = lr
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> None:
+def clip_gradients(model: nn.Module, max_norm: float, optimizer=None, scaler=None) -> None:
     """--clip-grad: scale the gradients down to at most ``max_norm`` (0: leave them). No sync: the norm
-    stays on the device."""
+    stays on the device. Under fp16 the gradients are unscaled first, so that the norm is the true one."""
     if max_norm:
+        if scaler is not None and scaler.is_enabled():
+            scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 

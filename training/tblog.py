@@ -183,8 +183,9 @@ class RunLog:
             w.add_image('confusion_matrix', confusion_image(confusion, self.classes), epoch, dataformats='HWC')
             for name, parameter in model.named_parameters():
                 w.add_histogram(f'weights/{name}', parameter.detach().float().cpu(), epoch)
-                if parameter.grad is not None:
-                    w.add_histogram(f'gradients/{name}', parameter.grad.detach().float().cpu(), epoch)
+                gradient = None if parameter.grad is None else parameter.grad.detach().float().cpu()
+                if gradient is not None and torch.isfinite(gradient).all():  # fp16: an overflowed step is skipped
+                    w.add_histogram(f'gradients/{name}', gradient, epoch)
             if test.probabilities is not None:
                 for c, name in enumerate(self.classes):
                     w.add_pr_curve(f'pr_curve/{name}', test.targets == c, test.probabilities[:, c], epoch)
