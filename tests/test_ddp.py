@@ -42,16 +42,30 @@ def exit_codes(folder: Path) -> list:
 
 def torchrun(*args, cwd: Path, nproc: int = 2, check: bool = True, timeout: float = 120):
     """``torchrun --standalone --nproc-per-node=2 train_ddp.py --device cpu ARGS`` (free ports, gloo)."""
-    result = subprocess.run(torchrun_command(*args, nproc=nproc), cwd=cwd, capture_output=True, text=True,
-                            env=script_env(OMP_NUM_THREADS='1'), timeout=timeout)
+    process = start_torchrun(*args, cwd=cwd, nproc=nproc)
+    out, err = finish(process, timeout)
+    result = subprocess.CompletedProcess(process.args, process.returncode, out, err)
     if check and result.returncode != 0:
         raise AssertionError(f'torchrun exited {result.returncode}\n{result.stdout}\n{result.stderr}')
     return result
 
 
-def start_torchrun(*args, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(torchrun_command(*args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=script_env(OMP_NUM_THREADS='1'))
+def start_torchrun(*args, cwd: Path, nproc: int = 2) -> subprocess.Popen:
+    return subprocess.Popen(torchrun_command(*args, nproc=nproc), cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=script_env(OMP_NUM_THREADS='1'))
+
+
+def finish(process: subprocess.Popen, timeout: float) -> tuple:
+    """(stdout, stderr) of a torchrun once it ends; past ``timeout``, it and its processes (which torchrun
+    starts in sessions of their own, so that they outlive it) are killed and the test fails."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in workers(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        process.kill()
+        out, err = process.communicate()
+        raise AssertionError(f'torchrun did not end within {timeout}s; killed\n{out}\n{err}') from None
 
 
 def weights(path: Path) -> dict:
@@ -219,7 +233,7 @@ def test_sigterm_mid_epoch_saves_once_and_resume_ends_exactly_as_uninterrupted(m
     process = start_torchrun(*SLOW, '--data-dir', medium_data, cwd=tmp_path)
     wait_for_line(process, 'epoch   1/2')
     process.send_signal(signal.SIGTERM)  # torchrun passes it on to both processes
-    out, err = process.communicate(timeout=60)
+    out, err = finish(process, 60)
     assert lines_starting(err, 'interrupted: training state saved in model/last.pth') != [], err
     assert len(lines_starting(err, 'interrupted:')) == 1, err  # rank 0 alone
     assert 'continue with: torchrun --standalone --nproc-per-node=2 train_ddp.py --resume' in err
@@ -239,7 +253,7 @@ def test_kill_9_of_one_process_ends_the_run_in_seconds_and_resume_works(medium_d
     assert len(victims) == 2
     killed = time.monotonic()
     os.kill(victims[1], signal.SIGKILL)
-    out, err = process.communicate(timeout=60)
+    out, err = finish(process, 60)
     assert time.monotonic() - killed < 30  # not the collective timeout: the others notice at once
     assert process.returncode != 0
     assert not our_tracebacks(err)

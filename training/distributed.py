@@ -15,6 +15,7 @@ Without a process group (the other scripts), all of this is skipped.
 """
 import os
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,10 +31,11 @@ from .errors import UserError
 # noticed at once: torchrun stops the others.)
 COLLECTIVE_TIMEOUT = timedelta(minutes=2)
 
-# A reference to the process group, dropped by leave_process_group(). Without it, the last reference can be
-# DistributedDataParallel's, and freeing the model then frees the group while holding Python's lock, which
-# deadlocks against a gloo thread that needs that lock to free a tensor (seen with PyTorch 2.6, now and then,
-# at the very end of a run). The group's own handle releases the lock when it frees the group.
+# A reference to the process group, dropped by leave_process_group(). Freeing a gloo group waits for its
+# threads while holding Python's lock (the GIL), and a thread that is just freeing a tensor of the last
+# collective needs that lock: a deadlock at the very end of a run, now and then (seen with PyTorch 2.6: 2 runs
+# in 32, py-spy showing ~ProcessGroupGloo joining its threads). So the group is not left to be freed whenever
+# DistributedDataParallel's model goes, but here, after a pause in which those threads can finish.
 _kept = []
 
 
@@ -83,7 +85,9 @@ def leave_process_group() -> None:
     """Destroy the process group (when the script has not yet), after the model that used it is gone."""
     if dist.is_initialized():
         dist.destroy_process_group()
-    _kept.clear()
+    if _kept:
+        time.sleep(0.2)  # without the GIL: gloo's threads free what the last collectives left (see _kept)
+        _kept.clear()
 
 
 def rank() -> int:
