@@ -108,7 +108,8 @@ def training_parser(prog: str, description: str, epochs: int, device_flag: bool 
                    help='torch.compile the model: faster steps on a GPU after a minute of compiling')
     if device_flag:
         p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto',
-                       help='where to train; auto picks cuda, then mps, then cpu (default: auto)')
+                       help='where to train; auto picks cuda, then mps (Apple; not with train_ddp.py), then cpu '
+                            '(default: auto)')
     return p
 
 
