@@ -269,3 +269,24 @@ def test_resume_on_a_machine_with_fewer_gpus(tmp_path, monkeypatch):
     restore(resumed, model, sgd(model),
             CLASSES)
     assert restored == [0]
+
+
+def test_one_at_a_time_makes_the_second_process_wait_until_the_first_is_done(tmp_path):
+    """The lock around the CIFAR-10 download and the decode cache (an OS lock per open file, so two
+    threads with their own opens contend as two processes do)."""
+    import threading
+    from training.files import one_at_a_time
+    order = []
+
+    def second():
+        with one_at_a_time(tmp_path / '.lock'):
+            order.append('second')
+
+    with one_at_a_time(tmp_path / '.lock'):
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        waiting.join(timeout=0.5)
+        assert waiting.is_alive()  # still waiting for the lock
+        order.append('first')
+    waiting.join(timeout=10)
+    assert order == ['first', 'second']

@@ -63,16 +63,25 @@ def one_at_a_time(path):
         yield
         return
     with lock:
-        if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        else:
-            while True:
-                try:
-                    msvcrt.locking(lock.fileno(), msvcrt.LK_LOCK, 1)
-                    break
-                except OSError:  # LK_LOCK gives up after 10 s
-                    time.sleep(1)
+        lock_file(lock, wait=True)
         yield  # closing the file releases the lock
+
+
+def lock_file(f, wait: bool) -> None:
+    """An exclusive lock on the open file ``f``, which the operating system drops when the file is closed or
+    the process ends (even by kill -9). ``wait``: until it is free; else OSError at once when it is taken."""
+    if fcntl:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return
+    f.seek(1 << 20)  # Windows locks bytes: one past any text the file holds, so that the text stays readable
+    while True:
+        try:
+            msvcrt.locking(f.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
+            return
+        except OSError:  # taken (LK_LOCK gives up after 10 s)
+            if not wait:
+                raise
+            time.sleep(1)
 
 
 def _umask() -> int:

@@ -17,13 +17,8 @@ from pathlib import Path
 from .checkpoint import model_bundle, save_checkpoint
 from .distributed import is_main_process, unwrap, world_size
 from .errors import UserError
+from .files import lock_file
 from .progress import Progress, training_state
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-    import msvcrt
 
 LOCK_FILE = '.training.lock'
 
@@ -97,11 +92,7 @@ def take_lock(path: Path, holder: str):
     a UserError naming the holder when another process has it."""
     lock = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o666), 'r+')
     try:
-        if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        else:
-            lock.seek(1 << 20)  # a byte past the text, so that the text stays readable
-            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+        lock_file(lock, wait=False)
     except OSError:
         other = ''
         for _ in range(20):  # the holder writes its name right after taking the lock: give it a moment
