@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .device import select_device
 from .errors import UserError
 
 # How long a process waits in a collective (an all-reduce) for the others before it gives up: long enough
@@ -55,12 +56,11 @@ def join_process_group(device_name: str = 'auto') -> ProcessGroup:
     """Join the run's process group as torchrun's environment says (RANK, LOCAL_RANK, WORLD_SIZE); started
     without torchrun (``python train_ddp.py``), be a group of one. The device: cuda:LOCAL_RANK with NCCL when
     there are GPUs (``--device auto`` or ``cuda``), else the CPU with gloo. Other ranks than 0 print nothing."""
-    cuda = device_name == 'cuda' or (device_name == 'auto' and torch.cuda.is_available())
     if device_name not in ('auto', 'cpu', 'cuda'):
         raise UserError(f'--device {device_name}: train_ddp.py trains on cuda (one GPU per process) or on the cpu')
-    if cuda and not torch.cuda.is_available():
-        raise UserError('--device cuda: CUDA is not available here (no NVIDIA GPU or driver, or a CPU-only '
-                        'PyTorch build); use --device auto or --device cpu')
+    cuda = device_name == 'cuda' or (device_name == 'auto' and torch.cuda.is_available())
+    if cuda:
+        select_device('cuda')  # its one-line error when there is no CUDA
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if cuda and local_rank >= torch.cuda.device_count():
         raise UserError(f'this machine has {torch.cuda.device_count()} GPU(s) but torchrun started process '
@@ -131,7 +131,7 @@ def average_over_images(batches, bucket: dist.GradBucket) -> torch.futures.Futur
     """DistributedDataParallel's gradient all-reduce, weighted by each process's share of the global batch,
     so that the result is the gradient of the mean loss over the whole global batch, as in one process, even
     when the last batch of an epoch cannot be shared evenly (the default divides by the number of processes).
-    ``batches`` (TrainBatches) knows the share of the batch under way."""
+    ``batches`` (the training Batches) knows the share of the batch under way."""
     gradients = bucket.buffer().mul_(batches.share_of_batch)
     future = dist.all_reduce(gradients, async_op=True).get_future()
     return future.then(lambda done: done.value()[0])
