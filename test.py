@@ -15,7 +15,6 @@ torch.save(tudui, ...): their weights are read without the class Tudui and witho
 A folder argument means every image in it.
 """
 import argparse
-import json
 import re
 import warnings
 from pathlib import Path
@@ -27,15 +26,16 @@ from torchvision import transforms
 
 from training.checkpoint import build_model, class_names, load_checkpoint, newest_checkpoint
 from training.cli import ArgumentParser, positive_int, run
-from training.data import CHINESE_NAMES, IMAGE_SIZE, load_data
-from training.device import select_device
+from training.console import json_text
+from training.data import CHINESE_NAMES, IMAGE_SIZE, hidden, image_suffixes, load_data
+from training.device import device_note, select_device
 from training.errors import UserError
+from training.paths import project_path
 from training.explain import write_explanations
 from training.files import atomic_save
 from training.recipe import Normalize, inference_net
 from training.report import evaluation_report, format_report
 
-IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.gif', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm'}
 UNSURE = 0.5  # a top probability below this: say that the model is unsure
 PREPROCESS = transforms.Compose([transforms.Resize((IMAGE_SIZE, IMAGE_SIZE)), transforms.ToTensor()])
 
@@ -85,13 +85,14 @@ def load_picture(path: Path) -> Image.Image:
 
 def image_paths(args_images) -> list:
     """Files as given; folders expanded to the images inside them (sorted)."""
-    paths = []
+    paths, suffixes = [], image_suffixes()
     for name in args_images:
         path = Path(name)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if path.is_dir():  # (not the ._cat.jpg files a Mac leaves beside its pictures, see hidden())
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes and not hidden(p.name)
+                           and p.is_file())
             if not found:
-                raise UserError(f'{path}/ holds no images ({", ".join(sorted(IMAGE_SUFFIXES))})')
+                raise UserError(f'{path}/ holds no images ({", ".join(sorted(suffixes))})')
             paths += found
         elif not path.exists():
             raise UserError(f'{path}: no such file or folder')
@@ -105,29 +106,31 @@ def display_name(name: str) -> str:
 
 
 def classify(model, classes, images, paths, device, top_k: int) -> list:
-    """[{'image', 'top': [{'class', 'chinese', 'probability'}, ...]}] for each image, best guess first."""
+    """[{'image', 'top': [{'class', 'index', 'chinese', 'probability'}, ...]}] for each image, best guess first."""
     images = images.to(device)
     model.eval()
     with torch.no_grad():
         probabilities = model(images).float().softmax(dim=1).cpu()
     top_p, top_i = probabilities.topk(min(top_k, len(classes)), dim=1)
-    return [{'image': str(path), 'top': [{'class': classes[i], 'chinese': CHINESE_NAMES.get(classes[i]),
+    return [{'image': str(path), 'top': [{'class': classes[i], 'index': i, 'chinese': CHINESE_NAMES.get(classes[i]),
                                           'probability': p} for p, i in zip(ps, idx)]}
             for path, ps, idx in zip(paths, top_p.tolist(), top_i.tolist())]
 
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('images', nargs='*', help='image files or folders (default: images/dog.png)')
+    parser.add_argument('images', nargs='*', help="image files or folders (default: the project's images/dog.png)")
     parser.add_argument('--checkpoint', help='a .pth file (default: the newest one in --checkpoint-dir)')
-    parser.add_argument('--checkpoint-dir', default='model', help='where to look for checkpoints (default: model)')
+    parser.add_argument('--checkpoint-dir', default=project_path('model'),
+                        help="where to look for checkpoints (default: the project's model/)")
     parser.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto',
                         help='auto picks cuda, then mps, then cpu (default: auto)')
     parser.add_argument('--top-k', type=positive_int, default=3, help='how many guesses to show (default: 3)')
     parser.add_argument('--eval', action='store_true',
                         help='instead of images: accuracy per class, confusion matrix and the most confident '
                              'mistakes on the test split of --data-dir')
-    parser.add_argument('--data-dir', default='dataset', help='data set for --eval, as for training (default: dataset)')
+    parser.add_argument('--data-dir', default=None,
+                        help="data set for --eval, as for training (default: the project's dataset/)")
     parser.add_argument('--json', action='store_true', help='print one JSON document instead of text')
     parser.add_argument('--tta', action=argparse.BooleanOptionalAction,
                         help='also look at the mirror image and average (default: as the checkpoint was trained, '
@@ -149,7 +152,7 @@ def main(argv=None):
         return convert(Path(args.checkpoint), Path(args.convert))
 
     device = select_device(args.device)
-    paths = [] if args.eval else image_paths(args.images or ['images/dog.png'])
+    paths = [] if args.eval else image_paths(args.images or [project_path('images', 'dog.png')])
     checkpoint_path = Path(args.checkpoint) if args.checkpoint else newest_checkpoint(args.checkpoint_dir)
     checkpoint = load_checkpoint(checkpoint_path, device)
     model = build_model(checkpoint['model'], source=str(checkpoint_path))
@@ -158,7 +161,7 @@ def main(argv=None):
     net = inference_net(model, checkpoint.get('normalize'), tta).to(device)  # normalisation, model, mirror
     if args.eval:
         report = evaluation_report(net, classes, load_data(args.data_dir), device, str(checkpoint_path))
-        print(json.dumps(report, ensure_ascii=False) if args.json else format_report(report))
+        print(json_text(report) if args.json else format_report(report))
         return
     pictures = [(path, load_picture(path)) for path in paths]
     images = torch.stack([PREPROCESS(picture) for _, picture in pictures])
@@ -167,9 +170,8 @@ def main(argv=None):
         normalize = Normalize(**checkpoint['normalize']) if checkpoint.get('normalize') else None
         explained = write_explanations(model.cpu(), normalize, pictures, images, predictions, args.explain)
     if args.json:
-        print(json.dumps({'checkpoint': str(checkpoint_path), 'device': str(device), 'classes': classes,
-                          'normalize': checkpoint.get('normalize'), 'tta': tta, 'predictions': predictions},
-                         ensure_ascii=False))
+        print(json_text({'checkpoint': str(checkpoint_path), 'device': str(device), 'classes': classes,
+                         'normalize': checkpoint.get('normalize'), 'tta': tta, 'predictions': predictions}))
         return
     about = f', epoch {checkpoint["epoch"] + 1}, test accuracy {checkpoint["test_accuracy"]:.1%}' \
         if checkpoint.get('test_accuracy') is not None else ''
@@ -178,7 +180,8 @@ def main(argv=None):
     whole = checkpoint.get('whole_model')
     kind = f'a whole {whole["class"]} model as the lessons save it, its weights read without running its code; ' \
         if whole else ''
-    print(f'checkpoint: {checkpoint_path} ({kind}{len(classes)} classes{about}); device: {device}{extras}')
+    print(f'checkpoint: {checkpoint_path} ({kind}{len(classes)} classes{about}); device: {device}{extras}'
+          f'{device_note(device)}')
     unsure = []
     for prediction in predictions:
         best = prediction['top'][0]

@@ -23,6 +23,7 @@ from training.meters import TestMeter, TrainMeter
 from training.progress import restore
 from training.recipe import clip_gradients, lr_schedule, make_optimizer, set_learning_rate
 from training.settings import training_settings
+from training.setup_check import setup_report
 from training.signals import GracefulStop
 from training.tblog import RunLog
 
@@ -34,6 +35,9 @@ def main(argv=None):
     # the device, chosen once
     device = torch.device('cpu')
     print(f'training device: {device}')
+
+    if args.dry_run:  # the setup check: Python, PyTorch, the GPU, the data, the folders; each problem with its fix
+        print(setup_report(args, device))
 
     # data: CIFAR-10 or your own image folders, cut into batches (see training/batches.py)
     data = load_training_data(args)

@@ -24,13 +24,14 @@ from training.batches import make_batches
 from training.cli import run
 from training.console import describe_run, epoch_line, progress_bar, summary_line
 from training.data import load_training_data
-from training.device import Autocast, use_fast_paths
+from training.device import Autocast, device_note, use_fast_paths
 from training.distributed import average_over_images, join_process_group
 from training.folders import CheckpointFolder
 from training.meters import TestMeter, TrainMeter
 from training.progress import restore
 from training.recipe import clip_gradients, lr_schedule, make_optimizer, set_learning_rate
 from training.settings import training_settings
+from training.setup_check import setup_report
 from training.signals import GracefulStop
 from training.tblog import RunLog
 
@@ -42,7 +43,11 @@ def main(argv=None):
     # the process group: torchrun starts the processes and gives each its RANK and LOCAL_RANK
     group = join_process_group(args.device)  # auto: cuda:LOCAL_RANK with NCCL, else the cpu with gloo
     device = group.device
-    print(f'training device: {device} (process {group.rank} of {group.world_size}; rank 0 prints, logs and saves)')
+    print(f'training device: {device}{device_note(device)} '
+          f'(process {group.rank} of {group.world_size}; rank 0 prints, logs and saves)')
+
+    if args.dry_run:  # the setup check: Python, PyTorch, the GPU, the data, the folders; each problem with its fix
+        print(setup_report(args, device))
 
     # data: CIFAR-10 or your own image folders, cut into batches (see training/batches.py)
     data = load_training_data(args)

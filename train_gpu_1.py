@@ -17,12 +17,13 @@ from training.batches import make_batches
 from training.cli import run
 from training.console import describe_run, epoch_line, progress_bar, summary_line
 from training.data import load_training_data
-from training.device import Autocast, use_fast_paths
+from training.device import Autocast, use_fast_paths, why_no_cuda
 from training.folders import CheckpointFolder
 from training.meters import TestMeter, TrainMeter
 from training.progress import restore
 from training.recipe import clip_gradients, lr_schedule, make_optimizer, set_learning_rate
 from training.settings import training_settings
+from training.setup_check import setup_report
 from training.signals import GracefulStop
 from training.tblog import RunLog
 
@@ -35,7 +36,10 @@ def main(argv=None):
     use_cuda = torch.cuda.is_available()
     device = torch.device('cuda' if use_cuda else 'cpu')
     print(f'training device: {device}' + ('' if use_cuda else
-          ' (CUDA is not available, so .cuda() is skipped; train_gpu_2.py also knows Apple GPUs)'))
+          f' (CUDA is not available: {why_no_cuda()}; so .cuda() is skipped)'))
+
+    if args.dry_run:  # the setup check: Python, PyTorch, the GPU, the data, the folders; each problem with its fix
+        print(setup_report(args, device))
 
     # data: CIFAR-10 or your own image folders, cut into batches (see training/batches.py)
     data = load_training_data(args)

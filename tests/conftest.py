@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import training.paths
 from training.cli import run
 from training.datagen import CLASSES, write_cifar10, write_image_folders  # noqa: F401  (for the test modules)
 
@@ -24,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OFFLINE = {'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:9',
            'HTTP_PROXY': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9', 'no_proxy': ''}
 SCRIPTS = ['train.py', 'train_gpu_1.py', 'train_gpu_2.py']
+# for the tests that send signals between processes, kill -9, or need fork, resource or fcntl: Windows has none
+posix_only = pytest.mark.skipif(os.name == 'nt', reason='needs POSIX signals and processes (not on Windows)')
 TRAIN_FLAGS = ('--epochs', 2, '--batch-size', 16, '--lr', 0.02, '--log-interval', 5,  # 63 steps an epoch
                '--precision', 'fp32')  # bit-for-bit comparisons are made in fp32
 CPU = ('--device', 'cpu') if torch.cuda.is_available() else ()  # for train_gpu_2.py where a test needs the CPU
@@ -56,12 +60,44 @@ def working_directory(path):
         os.chdir(previous)
 
 
-def run_main(script: str, *args, cwd: Path, check: bool = True):
+@contextlib.contextmanager
+def project_at(folder):
+    """The project's own folders (dataset/, model/, logs/, images/) taken to be in ``folder``, as they are for
+    a copy of the project there (see project_copy)."""
+    previous = training.paths.PROJECT_DIR
+    training.paths.PROJECT_DIR = Path(folder).resolve()
+    try:
+        yield
+    finally:
+        training.paths.PROJECT_DIR = previous
+
+
+# what a learner's project folder holds (the tests and developer tools stay behind)
+PROJECT_FILES = ['model.py', *SCRIPTS, 'train_ddp.py', 'test.py', 'training', 'images']
+
+
+def project_copy(folder: Path) -> Path:
+    """The project's code copied into ``folder`` (once), so that a script run from there has its own default
+    folders there, as a learner's copy of the project does. Returns ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder.resolve() != ROOT and not (folder / 'training').is_dir():
+        for name in PROJECT_FILES:
+            if (ROOT / name).is_dir():
+                shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns('__pycache__'))
+            else:
+                shutil.copy2(ROOT / name, folder / name)
+    return folder
+
+
+def run_main(script: str, *args, cwd: Path, check: bool = True, project: Path = None):
     """``script``'s main(args) in this process, from ``cwd``, through the same error handler as the command
-    line; returns a CompletedProcess (exit code, stdout, stderr), like run_script."""
+    line; returns a CompletedProcess (exit code, stdout, stderr), like run_script. The project's own folders
+    are taken to be in ``project`` (default: ``cwd``)."""
     out, err = io.StringIO(), io.StringIO()
     argv = [str(a) for a in args]
-    with working_directory(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with working_directory(cwd), project_at(project or cwd), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
         try:
             run(lambda: script_module(script).main(argv))
             code = 0
@@ -80,9 +116,15 @@ def script_env(**changes) -> dict:
     return {name: value for name, value in env.items() if value is not None}
 
 
+def script_path(script: str, cwd: Path) -> Path:
+    """Where a subprocess runs ``script`` from: a copy of the project in ``cwd`` for the learner's scripts (so
+    that their default folders are there), the repository for the developer tools."""
+    return (project_copy(cwd) if script in PROJECT_FILES else ROOT) / script
+
+
 def run_script(script: str, *args, cwd: Path, check: bool = True, timeout: float = 300, env=None):
-    """Run one of the project's scripts as a user would, in a new process, from ``cwd``."""
-    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+    """Run one of the project's scripts as a user would, in a new process, from ``cwd`` (see script_path)."""
+    result = subprocess.run([sys.executable, str(script_path(script, cwd)), *map(str, args)], cwd=cwd,
                             env=script_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f'{script} {" ".join(map(str, args))} exited {result.returncode}\n'
@@ -92,7 +134,7 @@ def run_script(script: str, *args, cwd: Path, check: bool = True, timeout: float
 
 def start_script(script: str, *args, cwd: Path, **popen):
     """A script started in a new process, its output readable line by line as it comes."""
-    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+    return subprocess.Popen([sys.executable, str(script_path(script, cwd)), *map(str, args)], cwd=cwd,
                             env=script_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
 
@@ -110,13 +152,13 @@ class Interrupter:
             add(meter, *args)
             self.steps += 1
             for _ in range(self.at.count(self.steps)):  # a step listed twice: two signals in a row
-                os.kill(os.getpid(), self.signum)
+                signal.raise_signal(self.signum)  # (as a signal from outside arrives, on every platform)
         monkeypatch.setattr(TrainMeter, 'add', add_then_signal)
 
-    def run(self, script, *args, cwd, at=(), signum=signal.SIGINT, check=False):
+    def run(self, script, *args, cwd, at=(), signum=signal.SIGINT, check=False, project=None):
         """One in-process run, signalled after the steps in ``at`` (of this run)."""
         self.at, self.signum, self.steps = list(at), signum, 0
-        return run_main(script, *args, cwd=cwd, check=check)
+        return run_main(script, *args, cwd=cwd, check=check, project=project)
 
 
 @pytest.fixture
@@ -138,6 +180,13 @@ def assert_clean_error(result, *fragments, code: int = 2):
 def fails_cleanly(script: str, argv, tmp_path: Path, *fragments):
     """main(argv) in this process fails with exit code 2 and one clear line on stderr."""
     return assert_clean_error(run_main(script, *argv, cwd=tmp_path, check=False), *fragments)
+
+
+def same_length(*sequences):
+    """zip(), after checking that the sequences have one length (zip(strict=True) needs Python 3.10)."""
+    sequences = [list(s) for s in sequences]
+    assert len({len(s) for s in sequences}) == 1, [len(s) for s in sequences]
+    return zip(*sequences)
 
 
 def load_weights(path: Path) -> dict:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import working_directory, write_cifar10, write_image_folders
+from conftest import same_length, working_directory, write_cifar10, write_image_folders
 from torchvision.transforms import functional as TF
 
 from training import batches
@@ -40,13 +40,13 @@ def test_memory_path_yields_the_dataloaders_tensors_in_the_same_order(data, chan
     slow, slow_test = make_batches(data, options(loader='stream', **recipe), CPU)
     assert isinstance(fast, TensorBatches) and isinstance(slow, StreamBatches)
     for epoch in (0, 1):
-        pairs = list(zip(all_batches(fast, epoch), all_batches(slow, epoch), strict=True))
+        pairs = list(same_length(all_batches(fast, epoch), all_batches(slow, epoch)))
         assert len(pairs) == len(fast) == len(slow)
         for (x, y), (x_ref, y_ref) in pairs:
             assert x.dtype == x_ref.dtype == torch.float32
             assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
             assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
-    for (x, y), (x_ref, y_ref) in zip(fast_test, slow_test, strict=True):
+    for (x, y), (x_ref, y_ref) in same_length(fast_test, slow_test):
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
 
 
@@ -81,7 +81,7 @@ def test_augmented_epochs_differ_and_a_resumed_epoch_continues_the_same_way(data
     fast, _ = make_batches(data, options(crop_padding=4, flip=True), CPU)
     epoch_0 = all_batches(fast, 0)
     resumed = fast.epoch(0, skip=2)  # resuming after two batches
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch_0[2:], resumed, strict=True))
+    assert all(torch.equal(a[0], b[0]) for a, b in same_length(epoch_0[2:], resumed))
     plain, _ = make_batches(data, options(), CPU)
     assert not torch.equal(epoch_0[0][0], all_batches(plain, 0)[0][0])  # the images really changed
 
@@ -97,7 +97,7 @@ def test_validation_split_is_held_out_of_the_training_set(data, monkeypatch):
     assert len(held.train) + len(held.test) == len(data.train) and len(held.test) == 7
     assert not set(held.train.indices) & set(held.test.indices)
     assert held.test.indices == hold_out(data, 7).test.indices  # the same images every time
-    for (x, y), (x_ref, y_ref) in zip(fast_val, slow_val, strict=True):
+    for (x, y), (x_ref, y_ref) in same_length(fast_val, slow_val):
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
     assert torch.equal(torch.cat([y for _, y in all_batches(fast, 0)]),
                        torch.cat([y for _, y in all_batches(slow, 0)]))
@@ -152,5 +152,5 @@ def test_on_cuda_the_data_set_lives_on_the_gpu(tmp_path):
     fast, _ = make_batches(data, options(), torch.device('cuda'))
     slow, _ = make_batches(data, options(loader='stream'), CPU)
     assert fast.images.is_cuda
-    for (x, y), (x_ref, y_ref) in zip(all_batches(fast, 0), all_batches(slow, 0), strict=True):
+    for (x, y), (x_ref, y_ref) in same_length(all_batches(fast, 0), all_batches(slow, 0)):
         assert x.is_cuda and torch.equal(x.cpu(), x_ref) and torch.equal(y.cpu(), y_ref)

@@ -5,7 +5,6 @@ Bad-input rows call the scripts' real main() through the same error handler the 
 (fast); everything about processes and signals runs the real scripts as subprocesses.
 """
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -17,8 +16,9 @@ import torch
 import torch.serialization
 from PIL import Image
 
-from conftest import (ROOT, TRAIN_FLAGS, assert_clean_error, fails_cleanly, load_weights, run_main,
-                      run_script, same_weights, scalars, script_env, script_module, start_script, write_image_folders)
+from conftest import (ROOT, TRAIN_FLAGS, assert_clean_error, fails_cleanly, load_weights, posix_only, run_main,
+                      run_script, same_weights, scalars, script_env, script_module, script_path, start_script,
+                      write_image_folders)
 from model import MyModel
 from training.files import _umask
 from training.folders import LOCK_FILE
@@ -57,6 +57,7 @@ def wait_for_line(process, prefix: str) -> None:
     raise AssertionError(f'never printed {prefix!r}: {process.stderr.read()}')
 
 
+@posix_only
 @pytest.mark.parametrize('signum, code', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_a_resumable_checkpoint(signum, code, slow_data, reference, tmp_path):
     process = start_training(slow_data, tmp_path)
@@ -128,6 +129,7 @@ def test_a_second_ctrl_c_stops_at_once(cifar_dir, tmp_path, interrupter):
     assert not (tmp_path / 'model' / 'last.pth').exists()
 
 
+@posix_only
 def test_kill_9_during_and_right_after_checkpoint_writes(cifar_dir, tmp_path):
     """Every epoch writes three checkpoints here; kills land while one is being written (its temporary file is
     there) or right after one was: every .pth still loads, the killed run's lock is gone, and resuming ends
@@ -167,8 +169,10 @@ def test_divergence_stops_with_a_clear_message_and_keeps_earlier_checkpoints(tra
     assert (model_dir / 'model_0.pth').read_bytes() == good
 
 
+@posix_only
 @pytest.mark.parametrize('limit, failing', [(450_000, 'model_0.pth'), (200_000, 'TensorBoard logs')])
 def test_a_full_disk_is_a_clear_error_and_loses_nothing(limit, failing, trained, cifar_dir, tmp_path):
+    import resource  # (POSIX only)
     model_dir = tmp_path / 'model'
     model_dir.mkdir()
     good = (trained[0] / 'model' / 'model_0.pth').read_bytes()
@@ -177,8 +181,8 @@ def test_a_full_disk_is_a_clear_error_and_loses_nothing(limit, failing, trained,
     def small_disk():  # no file may grow past `limit`: a checkpoint is about 590 kB, an epoch's log 340 kB
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    result = subprocess.run([sys.executable, str(ROOT / 'train.py'), *map(str, TRAIN_FLAGS), '--data-dir',
-                             str(cifar_dir), '--epochs', '1'], cwd=tmp_path, preexec_fn=small_disk,
+    result = subprocess.run([sys.executable, str(script_path('train.py', tmp_path)), *map(str, TRAIN_FLAGS),
+                             '--data-dir', str(cifar_dir), '--epochs', '1'], cwd=tmp_path, preexec_fn=small_disk,
                             capture_output=True, text=True, env=script_env(), timeout=300)
     assert_clean_error(result, 'cannot write', 'free some space', failing)
     assert (model_dir / 'model_0.pth').read_bytes() == good
@@ -204,7 +208,8 @@ def test_an_unwritable_checkpoint_folder_fails_before_training(cifar_dir, tmp_pa
                   'cannot write checkpoints', 'not-a-folder')
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason='root can write into read-only folders')
+@posix_only  # (Windows folders have no such mode bits)
+@pytest.mark.skipif(getattr(os, 'geteuid', lambda: 1)() == 0, reason='root can write into read-only folders')
 def test_a_read_only_checkpoint_folder_fails_before_training(cifar_dir, tmp_path):
     (tmp_path / 'ro').mkdir(mode=0o555)
     fails_cleanly('train.py', ['--data-dir', cifar_dir, '--checkpoint-dir', tmp_path / 'ro'], tmp_path, 'cannot write')
@@ -243,13 +248,14 @@ def test_two_runs_started_together_get_a_run_folder_each(tmp_path):
         assert [s for s, _ in scalars(tmp_path / 'logs' / run, 'test_accuracy')] == [0, 1]
 
 
+@posix_only  # (a closed pipe is SIGPIPE / EPIPE there)
 @pytest.mark.parametrize('script', ['train.py', 'train_gpu_1.py', 'train_gpu_2.py', 'train_ddp.py'])
 def test_a_closed_output_pipe_stops_training_quietly(tmp_path, script):
     """`python train.py | head -1` (or a notebook's `!python train.py`): every line is written when printed,
     so head gets its line at once, not a buffer later; then the reader is gone, so the run stops as other
     tools do (not blamed on TensorBoard, no traceback)."""
     device = ['--device', 'cpu'] if script in ('train_gpu_2.py', 'train_ddp.py') else []
-    process = subprocess.Popen([sys.executable, str(ROOT / script), '--dry-run', *device], cwd=tmp_path,
+    process = subprocess.Popen([sys.executable, str(script_path(script, tmp_path)), '--dry-run', *device], cwd=tmp_path,
                                env=script_env(PYTHONUNBUFFERED=None, CUDA_VISIBLE_DEVICES=''),  # as in a shell
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stdout.readline().startswith('training device: cpu')  # not held back in a buffer

@@ -17,8 +17,8 @@ ALLOWED = [re.compile(pattern) for pattern in [
     r'use_cuda = torch\.cuda\.is_available\(\)',
     r"device = torch\.device\('cuda' if use_cuda else 'cpu'\)",
     r'device = select_device\(args\.device\)( +#.*)?',
-    r"print\(f'training device: \{device\}'.*",
-    r"' \(CUDA is not available, so \.cuda\(\) is skipped.*'\)\)",
+    r"print\(f'training device: \{device\}.*",
+    r"f' \(CUDA is not available: \{why_no_cuda\(\)\}; so \.cuda\(\) is skipped\)'\)\)",
     r'if use_cuda:( +#.*)?',
     r'(model|loss_fn|test_loss_fn|images|targets) = \1\.(cuda\(\)|to\(device\))( +#.*)?',
 ]]
@@ -34,6 +34,7 @@ DISTRIBUTED = [re.compile(pattern) for pattern in [
     r'group = join_process_group\(args\.device\)( +#.*)?',
     r'device = group\.device',
     r"print\(f'training device: \{device\}.*",
+    r"f'\(process \{group\.rank\} of \{group\.world_size\}; .*'\)",
     r'train_batches, test_batches = make_batches\(data, args, device, resumed(, group)?\)( +#.*)?',
     r'model = DistributedDataParallel\(model, device_ids=group\.device_ids\)( +#.*)?',
     r'model\.register_comm_hook\(train_batches, average_over_images\)( +#.*)?',

@@ -35,6 +35,7 @@ from .data import IMAGE_SIZE, Data
 from .distributed import ProcessGroup, share_bounds
 from .errors import UnreadableImage, UserError
 from .files import atomic_save, one_at_a_time
+from .platforms import available_memory, ignore_interrupts, workers_start_deaf
 from .recipe import Normalize, augment, augment_plan, channel_stats, stats_sample
 
 BYTES_PER_IMAGE = 3 * IMAGE_SIZE * IMAGE_SIZE
@@ -198,7 +199,8 @@ class StreamBatches(Batches):
         self.sampler = EpochSampler(self, shuffle_seed)
         self.loader = DataLoader(ReportUnreadable(dataset), batch_sampler=self.sampler,
                                  num_workers=num_workers, persistent_workers=num_workers > 0, collate_fn=collate,
-                                 generator=torch.Generator())  # keeps DataLoader off the global RNG
+                                 generator=torch.Generator(),  # keeps DataLoader off the global RNG
+                                 worker_init_fn=ignore_interrupts if num_workers else None)  # Ctrl+C: for us
 
     def images_at(self, index: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.dataset[i][0] for i in index.tolist()])
@@ -206,7 +208,9 @@ class StreamBatches(Batches):
     def epoch(self, epoch: int, skip: int = 0):
         self.sampler.epoch, self.sampler.skip = epoch, skip
         plan = self.augmentation.plan(self.n, epoch) if self.augmentation else None
-        for number, batch in enumerate(self.loader, start=skip):
+        with workers_start_deaf():  # (the workers start here, in the first epoch, and are kept for the next)
+            loader = iter(self.loader)
+        for number, batch in enumerate(loader, start=skip):
             if isinstance(batch, Unreadable):
                 raise UnreadableImage(batch.message)
             images, labels = batch
@@ -284,13 +288,7 @@ def _decode_cached(dataset, path: Path, split: str, threads: int, say) -> tuple:
 def fits_in_memory(data: Data, device: torch.device) -> bool:
     """True when the decoded data set takes under a quarter of the device's free memory."""
     needed = (len(data.train) + len(data.test)) * BYTES_PER_IMAGE
-    if device.type == 'cuda':
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        try:
-            free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-        except (ValueError, OSError, AttributeError):  # not on Linux: assume a few GB
-            free = 4 << 30
+    free = torch.cuda.mem_get_info(device)[0] if device.type == 'cuda' else available_memory()
     return needed < free // 4
 
 

@@ -19,15 +19,21 @@ from .data import CIFAR10_CLASSES
 from .distributed import unwrap
 from .errors import UserError
 from .files import atomic_save
+from .platforms import REPLACE_PATIENCE, FileInUse
 from .whole_model import load_whole_model
 
 FORMAT = 'mymodel-checkpoint-v1'
 
 
-def save_checkpoint(obj, path) -> None:
-    """Save atomically; a folder that cannot be written or a full disk is a one-line UserError."""
+def save_checkpoint(obj, path, then: str = 'run again') -> None:
+    """Save atomically; a folder that cannot be written, a full disk or a file that another program keeps
+    open is a one-line UserError (``then``: what the learner does after closing that program)."""
     try:
         atomic_save(obj, path)
+    except FileInUse:
+        raise UserError(f'cannot replace {path}: another program is using it (an antivirus scan, OneDrive or another '
+                        f'sync tool, or a program that has it open) and kept it locked for {REPLACE_PATIENCE:g}s; '
+                        f'close that program, then {then}') from None
     except OSError as e:
         raise UserError(f'cannot write {path} ({e.strerror or e}); free some space or choose another '
                         f'--checkpoint-dir (the checkpoints already there are intact)') from None

@@ -2,19 +2,23 @@
 message and an exit code (``run``). A problem the user can fix is one line on stderr, exit code 2, no
 traceback."""
 import argparse
-import os
 import sys
 
 from .distributed import is_main_process, leave_process_group, world_size
 from .errors import Interrupted, UnreadableImage, UserError
+from .platforms import prepare_console, release_stdout, script_arguments
 from .recipe import RECIPES
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is reported on one line instead of usage + error."""
+    """argparse, but a bad flag is reported on one line instead of usage + error, and ``parse_args()`` reads
+    the command line's own arguments, not a notebook kernel's (see platforms.script_arguments)."""
 
     def error(self, message):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+    def parse_args(self, args=None, namespace=None):
+        return super().parse_args(script_arguments() if args is None else args, namespace)
 
 
 def _whole_number(text: str, minimum: int) -> int:
@@ -63,17 +67,17 @@ def training_parser(prog: str, description: str, epochs: int, device_flag: bool 
     p.add_argument('--epochs', type=positive_int, default=epochs,
                    help=f'passes over the training set (default: {epochs}, as in the tutorial)')
     recipe_flags(p)
-    p.add_argument('--data-dir', default='dataset',
+    p.add_argument('--data-dir', default=None,
                    help='CIFAR-10 folder (downloaded there when missing), or a folder with train/<class>/ '
-                        'and test/<class>/ images (default: dataset)')
+                        "and test/<class>/ images (default: the project's dataset/, beside the scripts)")
     p.add_argument('--log-dir', default=None,
-                   help='TensorBoard folder; each run writes to its own subfolder (default: logs)')
+                   help="TensorBoard folder; each run writes to its own subfolder (default: the project's logs/)")
     p.add_argument('--run-name', default=None,
                    help="name of this run's subfolder of --log-dir (default: date, time and script); a name "
                         "already taken gets -2, -3, ... so that two runs never write into one folder")
     p.add_argument('--checkpoint-dir', default=None,
                    help='where model_{epoch}.pth, best.pth and last.pth go; one run at a time trains into it '
-                        '(default: model)')
+                        "(default: the project's model/)")
     p.add_argument('--seed', type=int, default=0,
                    help='seed for the initial weights, the data order and the augmentation: same seed, same run '
                         '(default: 0)')
@@ -155,12 +159,21 @@ def lost_contact(e: BaseException) -> bool:
                                  (isinstance(e, RuntimeError) and any(w in str(e) for w in ('gloo', 'NCCL'))))
 
 
+def compile_failure(e: BaseException):
+    """torch.compile's own error (no C++ compiler or Triton where the check before training did not see it
+    coming, a compiler that fails): its first line, or None for any other error."""
+    if not (type(e).__module__ or '').startswith(('torch._dynamo', 'torch._inductor')):
+        return None
+    inner = getattr(e, 'inner_exception', None) or e  # BackendCompilerFailed wraps the compiler's error
+    text = str(inner).strip()
+    return f'{type(inner).__name__}: {text.splitlines()[0] if text else "no message"}'[:300]
+
+
 def run(main) -> None:
     """Call main() as the command line does: what stops it early becomes one line on stderr and an exit code.
-    Every line printed is written at once, also into a pipe or a notebook (Python would otherwise keep it
-    in a buffer of several kilobytes)."""
-    if hasattr(sys.stdout, 'reconfigure'):
-        sys.stdout.reconfigure(line_buffering=True)
+    Every line printed is written at once, also into a pipe or a notebook, and what the console's encoding
+    cannot show is escaped, never an error (see platforms.prepare_console)."""
+    prepare_console()
     message, code, everywhere = None, 0, False
     try:
         main()
@@ -171,15 +184,19 @@ def run(main) -> None:
     except KeyboardInterrupt:  # a second Ctrl+C, or one outside training: stop at once
         message, code = 'interrupted', 130
     except BrokenPipeError:  # `python train.py | head`: the reader left, so stop as other command-line tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+        release_stdout()  # no second error when Python exits
         message, code, everywhere = ('stopped: the output pipe was closed; every checkpoint written so far is '
                                      'complete (continue a training run with --resume)'), 141, True  # 128 + SIGPIPE
     except Exception as e:
-        if not lost_contact(e):
+        if compile_failure(e):
+            message, code = (f'error: --compile: torch.compile failed ({compile_failure(e)}); run without '
+                             f'--compile (the checkpoints written so far are complete)'), 2
+        elif lost_contact(e):
+            message, code = ('stopped: another process of this run failed or was killed (its error, if it printed '
+                             "one, and torchrun's report say which); the checkpoints written so far are complete "
+                             '(continue with --resume)'), 1
+        else:
             raise
-        message, code = ('stopped: another process of this run failed or was killed (its error, if it printed one, '
-                         "and torchrun's report say which); the checkpoints written so far are complete (continue "
-                         'with --resume)'), 1
     # here, after the except clauses, main()'s frames (and train_ddp.py's model) are gone
     speaks = everywhere or is_main_process()  # in a run of several processes, rank 0 speaks for all (the others
     # would repeat it), except of what only one process can know; asked before the process group is left

@@ -1,9 +1,10 @@
 """What a training run shows in the terminal: the text is made here, the scripts print it."""
-import sys
-
-from tqdm import tqdm
+import json
 
 from .distributed import is_main_process
+from .paths import command
+from .platforms import can_show, progress_bar_class, progress_stream, shows_progress
+from .setup_check import setup_problems
 
 
 def describe_run(args, data, train_batches, autocast, progress, run_dir) -> str:
@@ -35,10 +36,11 @@ def describe_recipe(args) -> str:
 
 def progress_bar(batches, epoch: int, done: int, args):
     """Epoch ``epoch``'s batches (after the ``done`` ones of a resumed epoch), with a progress bar in
-    images -- images/s and time left -- when stderr is a terminal; none in CI logs or files."""
-    return tqdm(batches.epoch(epoch, skip=done), desc=f'epoch {epoch + 1}/{args.epochs}', total=len(batches),
-                initial=done, leave=False, unit='img', unit_scale=args.batch_size, dynamic_ncols=True,
-                disable=args.quiet or not sys.stderr.isatty() or not is_main_process())
+    images -- images/s and time left -- in a terminal or a notebook; none in CI logs, pipes or files."""
+    bar = progress_bar_class()  # a notebook's own bar where it can draw one
+    return bar(batches.epoch(epoch, skip=done), desc=f'epoch {epoch + 1}/{args.epochs}', total=len(batches),
+               initial=done, leave=False, unit='img', unit_scale=args.batch_size, dynamic_ncols=True,
+               file=progress_stream(), disable=args.quiet or not shows_progress() or not is_main_process())
 
 
 def epoch_line(epoch: int, epochs: int, train, test, path) -> str:
@@ -50,9 +52,21 @@ def epoch_line(epoch: int, epochs: int, train, test, path) -> str:
 def summary_line(args, progress, checkpoints, writer) -> str:
     total = writer.elapsed()
     line = (f'done in {total:.1f}s: best test accuracy {progress.best["accuracy"]:.2%} at epoch '
-            f'{progress.best["epoch"] + 1} ({checkpoints.path / "best.pth"}); TensorBoard: tensorboard --logdir '
-            f'{writer.run_dir.parent} (this run: {writer.run_dir.name}; its logging took {writer.seconds:.1f}s, '
+            f'{progress.best["epoch"] + 1} ({checkpoints.path / "best.pth"}); TensorBoard: '
+            f'{command("tensorboard", "--logdir", writer.run_dir.parent)} (this run: {writer.run_dir.name}; its '
+            f'logging took {writer.seconds:.1f}s, '
             f'{writer.seconds / max(total, 1e-9):.1%} of the run)')
     if args.dry_run:
         line += '\ndry run OK: data, model, training, evaluation, TensorBoard and checkpoints all work'
+        problems = setup_problems(args)
+        if problems:
+            line += (f'; but the setup check found {len(problems)} problem(s) to fix first (see above; '
+                     f'环境检查发现 {len(problems)} 个问题，见上文)')
     return line
+
+
+def json_text(document) -> str:
+    """``document`` as JSON for stdout: Chinese names and file names as they are where the console's encoding
+    has them, else as JSON's own \\u escapes (which every JSON reader turns back into the same text)."""
+    text = json.dumps(document, ensure_ascii=False)
+    return text if can_show(text) else json.dumps(document)

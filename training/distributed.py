@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .device import select_device
 from .errors import UserError
+from .platforms import process_group_backend
 
 # How long a process waits in a collective (an all-reduce) for the others before it gives up: long enough
 # for rank 0 to write a checkpoint and the TensorBoard logs of an epoch, short enough that a process that hangs
@@ -55,7 +56,8 @@ class ProcessGroup:
 def join_process_group(device_name: str = 'auto') -> ProcessGroup:
     """Join the run's process group as torchrun's environment says (RANK, LOCAL_RANK, WORLD_SIZE); started
     without torchrun (``python train_ddp.py``), be a group of one. The device: cuda:LOCAL_RANK with NCCL when
-    there are GPUs (``--device auto`` or ``cuda``), else the CPU with gloo. Other ranks than 0 print nothing."""
+    there are GPUs (``--device auto`` or ``cuda``; gloo where PyTorch has no NCCL, as on Windows), else the CPU
+    with gloo. Other ranks than 0 print nothing."""
     if device_name not in ('auto', 'cpu', 'cuda'):
         raise UserError(f'--device {device_name}: train_ddp.py trains on cuda (one GPU per process) or on the cpu')
     cuda = device_name == 'cuda' or (device_name == 'auto' and torch.cuda.is_available())
@@ -68,12 +70,14 @@ def join_process_group(device_name: str = 'auto') -> ProcessGroup:
     device = torch.device('cuda', local_rank) if cuda else torch.device('cpu')
     if cuda:
         torch.cuda.set_device(device)
-    backend = 'nccl' if cuda else 'gloo'
+    backend, note = process_group_backend(cuda)  # NCCL between GPUs; gloo on the CPU, and where NCCL is missing
     if 'RANK' in os.environ:  # started by torchrun: it set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
-                                device_id=device if cuda else None)
+                                device_id=device if backend == 'nccl' else None)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=COLLECTIVE_TIMEOUT)
+    if note and dist.get_rank() == 0:
+        print(note)
     _kept.append(dist.group.WORLD)
     group = ProcessGroup(dist.get_rank(), dist.get_world_size(), device)
     if group.rank != 0:  # one process speaks for the run; errors still reach stderr (see cli.run)

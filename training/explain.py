@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from .errors import UserError
 from .files import atomic_write
+from .fonts import class_label, drawable, font
 
 PANEL = 256  # each picture panel is PANEL x PANEL pixels
 BARS_WIDTH = 300
@@ -94,22 +95,15 @@ def overlay(picture: Image.Image, cam: torch.Tensor, size: int = PANEL) -> Image
     return Image.blend(base, colours, 0.5)
 
 
-def font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one small bitmap font
-        return ImageFont.load_default()
-
-
 def bars(top: list, width: int = BARS_WIDTH, height: int = PANEL) -> Image.Image:
-    """Labelled horizontal bars, one per guess: [{'class', 'probability'}, ...], best first."""
+    """Labelled horizontal bars, one per guess: [{'class', 'index', 'probability'}, ...], best first."""
     panel = Image.new('RGB', (width, height), 'white')
     draw, text = ImageDraw.Draw(panel), font(15)
     row = height // max(len(top), 1)
     label_width, bar_width = 100, width - 100 - 60
     for i, guess in enumerate(top):
         y = i * row + row // 2
-        draw.text((0, y - 9), guess['class'][:12], fill='black', font=text)
+        draw.text((0, y - 9), class_label(guess['class'], guess['index'])[:12], fill='black', font=text)
         length = round(guess['probability'] * bar_width)
         draw.rectangle([label_width, y - 8, label_width + bar_width, y + 8], outline=(200, 200, 200))
         if length:
@@ -138,12 +132,13 @@ def explain_figure(picture: Image.Image, image: torch.Tensor, cam: torch.Tensor,
               'bars': bars(top)}
     captions = {'picture': f'your picture ({picture.width}x{picture.height})',
                 'model_view': f'what the model gets: {image.shape[-1]}x{image.shape[-2]} pixels',
-                'grad_cam': f'Grad-CAM: where "{top[0]["class"]}" was seen', 'bars': f'top {len(top)} guesses'}
+                'grad_cam': f'Grad-CAM: where "{class_label(top[0]["class"], top[0]["index"])}" was seen',
+                'bars': f'top {len(top)} guesses'}
     for name, panel in panels.items():
         left, top_edge = boxes[name][:2]
         figure.paste(panel, (left, top_edge))
         draw.text((left, MARGIN + 4), captions[name], fill='black', font=text)
-    draw.text((MARGIN, MARGIN + TITLE + PANEL + 6), title, fill=(80, 80, 80), font=text)
+    draw.text((MARGIN, MARGIN + TITLE + PANEL + 6), drawable(title), fill=(80, 80, 80), font=text)
     return figure
 
 

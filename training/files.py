@@ -3,23 +3,19 @@ import contextlib
 import io
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-    import msvcrt
+from .platforms import lock_file, replace_file, set_permissions
 
 
 def atomic_save(obj, path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename it over ``path``.
 
     Readers see either the old file or the complete new one, never a part. Raises OSError (with the
-    temporary file removed) when the folder cannot be written or the disk is full.
+    temporary file removed) when the folder cannot be written or the disk is full, and platforms.FileInUse
+    when another program holds ``path`` open for seconds (Windows refuses to replace it meanwhile).
     """
     buffer = io.BytesIO()
     torch.save(obj, buffer)  # serialise first, so that a failed write is a plain OSError
@@ -32,13 +28,12 @@ def atomic_write(data, path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
-        if hasattr(os, 'fchmod'):  # (not on Windows before Python 3.13)
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        set_permissions(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -65,23 +60,6 @@ def one_at_a_time(path):
     with lock:
         lock_file(lock, wait=True)
         yield  # closing the file releases the lock
-
-
-def lock_file(f, wait: bool) -> None:
-    """An exclusive lock on the open file ``f``, which the operating system drops when the file is closed or
-    the process ends (even by kill -9). ``wait``: until it is free; else OSError at once when it is taken."""
-    if fcntl:
-        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        return
-    f.seek(1 << 20)  # Windows locks bytes: one past any text the file holds, so that the text stays readable
-    while True:
-        try:
-            msvcrt.locking(f.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
-            return
-        except OSError:  # taken (LK_LOCK gives up after 10 s)
-            if not wait:
-                raise
-            time.sleep(1)
 
 
 def _umask() -> int:

@@ -17,7 +17,8 @@ from pathlib import Path
 from .checkpoint import model_bundle, save_checkpoint
 from .distributed import is_main_process, unwrap, world_size
 from .errors import UserError
-from .files import lock_file
+from .paths import command, is_project_path, project_path
+from .platforms import lock_file
 from .progress import Progress, training_state
 
 LOCK_FILE = '.training.lock'
@@ -32,10 +33,11 @@ class CheckpointFolder:
     """The checkpoint folder while a run trains into it (``with CheckpointFolder(...) as checkpoints``)."""
 
     def __init__(self, args, classes, normalize):
-        self.path, self.script = Path(args.checkpoint_dir), args.script
+        self.path, self.script, self.data_dir = Path(args.checkpoint_dir), args.script, args.data_dir
         # what every bundle holds besides the weights: enough to use them (see checkpoint.py)
         self.bundle = {'classes': list(classes), 'config': config_of(args), 'normalize': normalize}
         self.lock, self.writes = None, is_main_process()  # several processes: rank 0 writes
+        self.resumable = bool(args.resume)  # whether last.pth holds this run's state (that --resume continues)
 
     def __enter__(self):
         """Check that checkpoints can be written here (before training, not after the first epoch), take the
@@ -61,15 +63,17 @@ class CheckpointFolder:
             self.lock.close()  # closing the file releases the lock
 
     def save_epoch(self, epoch: int, model, optimizer, progress: Progress) -> Path:
-        """After epoch ``epoch``: model_{epoch}.pth, best.pth when it is the best so far, and last.pth."""
+        """After epoch ``epoch``: model_{epoch}.pth, best.pth when it is the best so far, and last.pth, in that
+        order: last.pth moves on only once the others are written, so that a --resume after any failure here
+        trains this epoch again and writes them all."""
         path = self.path / f'model_{epoch}.pth'
         if not self.writes:
             return path
         bundle = model_bundle(model, **self.bundle, **progress.last_test, step=progress.step)
         # the tutorial's plain state_dict, unless the images must be normalised to use the weights
-        save_checkpoint(bundle if self.bundle['normalize'] else unwrap(model).state_dict(), path)
+        self.save(bundle if self.bundle['normalize'] else unwrap(model).state_dict(), path)
         if progress.best['epoch'] == epoch:
-            save_checkpoint(bundle, self.path / 'best.pth')
+            self.save(bundle, self.path / 'best.pth')
         self.save_last(model, optimizer, progress)
         return path
 
@@ -77,14 +81,24 @@ class CheckpointFolder:
         """last.pth: the whole training state; ``meter`` is the epoch under way, when it was interrupted."""
         meter_state = meter and meter.state_dict()  # in every process: it sums over them
         if self.writes:
-            save_checkpoint(training_state(model, optimizer, progress, progress.epoch, meter_state, **self.bundle),
-                            self.path / 'last.pth')
+            self.save(training_state(model, optimizer, progress, progress.epoch, meter_state, **self.bundle),
+                      self.path / 'last.pth')
+            self.resumable = True
+
+    def save(self, obj, path: Path) -> None:
+        save_checkpoint(obj, path, f'continue with: {self.resume_command()} ({self.path / "last.pth"} is complete)'
+                        if self.resumable else 'start the run again')
 
     def resume_hint(self, step: int) -> str:
-        where = '' if self.path == Path('model') else f' --checkpoint-dir {self.path}'
-        start = 'python' if world_size() == 1 else f'torchrun --standalone --nproc-per-node={world_size()}'
         return (f'interrupted: training state saved in {self.path / "last.pth"} (step {step}); '
-                f'continue with: {start} {self.script} --resume{where}')
+                f'continue with: {self.resume_command()}')
+
+    def resume_command(self) -> str:
+        """The command that continues this run, as it works when pasted where the learner stands."""
+        start = ['python'] if world_size() == 1 else ['torchrun', '--standalone', f'--nproc-per-node={world_size()}']
+        where = [] if is_project_path(self.path, 'model') else ['--checkpoint-dir', self.path]
+        data = [] if is_project_path(self.data_dir, 'dataset') else ['--data-dir', self.data_dir]
+        return command(*start, project_path(self.script), '--resume', *where, *data)
 
 
 def take_lock(path: Path, holder: str):

@@ -109,10 +109,10 @@ class TestMeter:
         """After each batch: its summed loss and its outputs. No sync."""
         classes = outputs.shape[1]
         predictions = outputs.argmax(1)
-        if self.confusion is None:
-            self.confusion = torch.zeros(classes * classes, dtype=torch.long, device=targets.device)
+        if self.confusion is None:  # int32: Apple GPUs (mps) cannot index_add_ int64 in PyTorch 2.6 - 2.8
+            self.confusion = torch.zeros(classes * classes, dtype=torch.int32, device=targets.device)
         # index_add_, unlike bincount, does not ask the GPU how long its result must be: no sync
-        self.confusion.index_add_(0, targets * classes + predictions, torch.ones_like(targets))
+        self.confusion.index_add_(0, targets * classes + predictions, torch.ones_like(targets, dtype=torch.int32))
         self.seen += targets.shape[0]
         self.loss_sum += loss_sum.float()
         self.correct += (predictions == targets).sum()
@@ -125,7 +125,7 @@ class TestMeter:
         result = EpochResult(loss_sum / max(seen, 1), correct / max(seen, 1), seen, 0.0)
         if self.confusion is not None:
             classes = math.isqrt(self.confusion.numel())
-            result.confusion = sum_over_processes(self.confusion).view(classes, classes).cpu()
+            result.confusion = sum_over_processes(self.confusion).view(classes, classes).cpu().long()
         if self.keep_outputs:
             result.probabilities = gather_from_processes(torch.cat(self.probabilities))
             result.targets = gather_from_processes(torch.cat(self.targets))

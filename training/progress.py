@@ -1,6 +1,7 @@
 """Where a run stands (its step, the epoch it is in, the best accuracy so far), what last.pth saves of it,
 and how --resume puts it back, so that a resumed run ends with exactly the weights an uninterrupted one has.
 The data order and the augmentation need no saving: they follow from (seed, epoch)."""
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -8,6 +9,7 @@ import torch
 from .checkpoint import mismatch, model_bundle
 from .distributed import unwrap
 from .errors import UserError
+from .paths import shown
 
 
 @dataclass
@@ -17,7 +19,8 @@ class Progress:
     meter: dict = None  # the running sums of an epoch interrupted in the middle, to continue from
     best: dict = field(default_factory=lambda: {'accuracy': -1.0, 'epoch': -1})
     last_test: dict = field(default_factory=lambda: {'epoch': -1, 'test_accuracy': None, 'test_loss': None})
-    run_dir: str = None  # the run's TensorBoard folder, kept by a resumed run
+    run_dir: str = None  # the run's TensorBoard folder, kept by a resumed run (in last.pth: in full, so that a
+    # run resumed from another folder finds it)
     resumed_from: str = None  # the last.pth that --resume continues
     history: list = field(default_factory=list)  # one dict per epoch trained in this process
     scaler: object = None  # fp16's gradient scaler, whose scale last.pth keeps
@@ -58,7 +61,7 @@ def restore(resumed, model, optimizer, classes, scaler=None) -> Progress:
         torch.cuda.set_rng_state(saved_cuda[index].cpu(), index)
     return Progress(step=resumed['step'], epoch=resumed['resume']['epoch'], meter=resumed['resume']['meter'],
                     best=resumed['best'], last_test={k: resumed[k] for k in Progress().last_test},
-                    run_dir=resumed['run_dir'], resumed_from=source, scaler=scaler)
+                    run_dir=resumed['run_dir'] and str(shown(resumed['run_dir'])), resumed_from=source, scaler=scaler)
 
 
 def training_state(model, optimizer, progress: Progress, epoch: int, meter_state, **bundle) -> dict:
@@ -69,5 +72,5 @@ def training_state(model, optimizer, progress: Progress, epoch: int, meter_state
         rng['cuda'] = torch.cuda.get_rng_state_all()
     scaler = progress.scaler.state_dict() if progress.scaler is not None and progress.scaler.is_enabled() else None
     return model_bundle(model, **bundle, **progress.last_test, step=progress.step, optimizer=optimizer.state_dict(),
-                        best=progress.best, run_dir=str(progress.run_dir), rng=rng, scaler=scaler,
-                        resume={'epoch': epoch, 'meter': meter_state})
+                        best=progress.best, run_dir=progress.run_dir and os.path.abspath(progress.run_dir),
+                        rng=rng, scaler=scaler, resume={'epoch': epoch, 'meter': meter_state})

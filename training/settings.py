@@ -1,6 +1,6 @@
 """A training run's settings, resolved once, in this order: the flags given; the --recipe defaults of the
 flags not given; with --resume, the settings of the run being continued (read from its last.pth, which is
-also returned, so that nothing reads it twice); --dry-run's scratch folders; the default folders.
+also returned, so that nothing reads it twice); --dry-run's scratch folders; the project's own folders.
 
     args, resumed = training_settings(argv, __file__, __doc__, epochs=30)
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from .checkpoint import read_training_state
 from .cli import training_parser
 from .errors import UserError
+from .paths import project_path
 from .recipe import RECIPES, SETTINGS, apply_recipe
 
 # what a resumed run keeps from the interrupted one, whatever the command line says
@@ -45,7 +46,7 @@ def training_settings(argv, script: str, description: str, epochs: int, device_f
     if args.resume:
         if args.dry_run:
             raise UserError('--dry-run checks the setup from scratch and cannot --resume; drop one of them')
-        resumed = read_training_state(args.resume, Path(args.checkpoint_dir or 'model'))
+        resumed = read_training_state(args.resume, Path(args.checkpoint_dir or project_path('model')))
         take_resumed_settings(args, resumed)
     if args.nesterov and args.momentum == 0:
         raise UserError('--nesterov needs momentum: give --momentum (e.g. 0.9) or --no-nesterov')
@@ -55,8 +56,10 @@ def training_settings(argv, script: str, description: str, epochs: int, device_f
         args.checkpoint_dir = args.checkpoint_dir or str(Path(scratch) / 'model')
         args.log_dir = args.log_dir or str(Path(scratch) / 'logs')
         args.epochs = min(args.epochs, DRY_RUN_EPOCHS)
-    args.checkpoint_dir = args.checkpoint_dir or 'model'
-    args.log_dir = args.log_dir or 'logs'
+    # the project's own folders, beside the scripts, whatever the current folder (see paths.py)
+    args.data_dir = args.data_dir or str(project_path('dataset'))
+    args.checkpoint_dir = args.checkpoint_dir or str(project_path('model'))
+    args.log_dir = args.log_dir or str(project_path('logs'))
     return Settings(vars(args)), resumed
 
 

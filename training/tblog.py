@@ -24,28 +24,32 @@ from torch.utils.tensorboard import SummaryWriter
 from .distributed import is_main_process, unwrap, world_size
 from .errors import UserError
 from .folders import config_of, new_run_dir
+from .fonts import class_label, font
 
 CELL = 30  # pixels per confusion-matrix cell
 
 
-def _text_width(draw, text) -> int:
-    left, _, right, _ = draw.textbbox((0, 0), text)
+LABEL_SIZE = 12  # pixels: the labels of the sample grid and the confusion matrix
+
+
+def _text_width(draw, text, typeface) -> int:
+    left, _, right, _ = draw.textbbox((0, 0), text, font=typeface)
     return right - left
 
 
 def confusion_image(confusion: torch.Tensor, classes) -> np.ndarray:
     """A confusion matrix as an RGB picture (rows: true class, columns: predicted; darker = more of the row)."""
-    n = len(classes)
-    names = [name[:10] for name in classes]
+    n, typeface = len(classes), font(LABEL_SIZE)
+    names = [class_label(name, i)[:10] for i, name in enumerate(classes)]
     probe = ImageDraw.Draw(Image.new('RGB', (1, 1)))
-    margin = max(_text_width(probe, name) for name in names) + 8
+    margin = max(_text_width(probe, name, typeface) for name in names) + 8
     image = Image.new('RGB', (margin + n * CELL + 4, margin + n * CELL + 4), 'white')
     draw = ImageDraw.Draw(image)
     share = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
     for i in range(n):
-        draw.text((4, margin + i * CELL + CELL // 3), names[i], fill='black')
+        draw.text((4, margin + i * CELL + CELL // 3), names[i], fill='black', font=typeface)
         column_label = Image.new('RGB', (margin, CELL), 'white')  # written sideways above its column
-        ImageDraw.Draw(column_label).text((4, CELL // 3), names[i], fill='black')
+        ImageDraw.Draw(column_label).text((4, CELL // 3), names[i], fill='black', font=typeface)
         image.paste(column_label.rotate(90, expand=True), (margin + i * CELL, 0))
         for j in range(n):
             shade = int(255 * (1 - share[i, j].item()))
@@ -53,15 +57,15 @@ def confusion_image(confusion: torch.Tensor, classes) -> np.ndarray:
             box = (margin + j * CELL, margin + i * CELL, margin + (j + 1) * CELL - 1, margin + (i + 1) * CELL - 1)
             draw.rectangle(box, fill=colour, outline=(220, 220, 220))
             count = str(int(confusion[i, j]))
-            draw.text((box[0] + (CELL - _text_width(draw, count)) // 2, box[1] + CELL // 3), count,
-                      fill='white' if shade < 110 else 'black')
+            draw.text((box[0] + (CELL - _text_width(draw, count, typeface)) // 2, box[1] + CELL // 3), count,
+                      fill='white' if shade < 110 else 'black', font=typeface)
     return np.asarray(image)
 
 
 def labelled_grid(dataset, classes, count: int = 32, per_row: int = 8, scale: int = 2) -> np.ndarray:
     """``count`` training images spread over the data set, enlarged, each with its class name below."""
     indices = torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).long().tolist()
-    side, label_height = 32 * scale, 14
+    side, label_height, typeface = 32 * scale, 16, font(LABEL_SIZE)
     rows = math.ceil(len(indices) / per_row)
     grid = Image.new('RGB', (per_row * (side + 4), rows * (side + label_height + 4)), 'white')
     draw = ImageDraw.Draw(grid)
@@ -70,7 +74,7 @@ def labelled_grid(dataset, classes, count: int = 32, per_row: int = 8, scale: in
         pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         x, y = (k % per_row) * (side + 4), (k // per_row) * (side + label_height + 4)
         grid.paste(Image.fromarray(pixels).resize((side, side), Image.NEAREST), (x, y))
-        draw.text((x, y + side + 1), classes[label][:10], fill='black')
+        draw.text((x, y + side + 1), class_label(classes[label], label)[:10], fill='black', font=typeface)
     return np.asarray(grid)
 
 
