@@ -109,7 +109,8 @@ def training_parser(prog: str, description: str, epochs: int, device_flag: bool 
     p.add_argument('--cudnn-benchmark', action=argparse.BooleanOptionalAction, default=True,
                    help='let cuDNN time its convolution algorithms once and keep the fastest (default: on)')
     p.add_argument('--compile', action='store_true',
-                   help='torch.compile the model: faster steps on a GPU after a minute of compiling')
+                   help='torch.compile the model: faster steps on a GPU after some compiling (it needs Triton on '
+                        'an NVIDIA GPU, a C++ compiler on the CPU)')
     if device_flag:
         p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto',
                        help='where to train; auto picks cuda, then mps (Apple; not with train_ddp.py), then cpu '
