@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from training.cli import ArgumentParser, non_negative_int, positive_int, run
 from training.errors import UserError
+from training.paths import project_path
 from training.recipe import RECIPES
 
 HERE = Path(__file__).resolve().parent
@@ -57,7 +58,8 @@ def curve(run_dir: Path) -> tuple:
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--data-dir', default='dataset', help='as for training (default: dataset)')
+    p.add_argument('--data-dir', default=str(project_path('dataset')),
+                   help="as for training (default: the project's dataset/)")
     p.add_argument('--recipes', nargs='+', choices=list(RECIPES), default=list(RECIPES))
     p.add_argument('--epochs', nargs='+', type=positive_int, default=[3, 5, 30])
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])

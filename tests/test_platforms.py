@@ -615,8 +615,13 @@ def test_a_compiler_that_fails_anyway_is_one_line(capsys):
     from torch._dynamo.exc import BackendCompilerFailed
     from torch._inductor.exc import InvalidCxxCompiler
 
+    try:
+        failure = BackendCompilerFailed(lambda: None, InvalidCxxCompiler(), None)
+    except TypeError:  # PyTorch before 2.8: (backend, inner exception)
+        failure = BackendCompilerFailed(lambda: None, InvalidCxxCompiler())
+
     def main():
-        raise BackendCompilerFailed(lambda: None, InvalidCxxCompiler(), None)
+        raise failure
     with pytest.raises(SystemExit) as stopped:
         run(main)
     err = capsys.readouterr().err

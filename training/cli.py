@@ -189,9 +189,10 @@ def run(main) -> None:
         message, code, everywhere = ('stopped: the output pipe was closed; every checkpoint written so far is '
                                      'complete (continue a training run with --resume)'), 141, True  # 128 + SIGPIPE
     except Exception as e:
-        if compile_failure(e):
-            message, code = (f'error: --compile: torch.compile failed ({compile_failure(e)}); run without '
-                             f'--compile (the checkpoints written so far are complete)'), 2
+        failure = compile_failure(e)
+        if failure:
+            message, code = (f'error: --compile: torch.compile failed ({failure}); run without --compile (the '
+                             f'checkpoints written so far are complete)'), 2
         elif lost_contact(e):
             message, code = ('stopped: another process of this run failed or was killed (its error, if it printed '
                              "one, and torchrun's report say which); the checkpoints written so far are complete "

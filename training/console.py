@@ -53,9 +53,8 @@ def summary_line(args, progress, checkpoints, writer) -> str:
     total = writer.elapsed()
     line = (f'done in {total:.1f}s: best test accuracy {progress.best["accuracy"]:.2%} at epoch '
             f'{progress.best["epoch"] + 1} ({checkpoints.path / "best.pth"}); TensorBoard: '
-            f'{command("tensorboard", "--logdir", writer.run_dir.parent)} (this run: {writer.run_dir.name}; its '
-            f'logging took {writer.seconds:.1f}s, '
-            f'{writer.seconds / max(total, 1e-9):.1%} of the run)')
+            f'{command("tensorboard", "--logdir", writer.run_dir.parent)} (this run: {writer.run_dir.name}; '
+            f'its logging took {writer.seconds:.1f}s, {writer.seconds / max(total, 1e-9):.1%} of the run)')
     if args.dry_run:
         line += '\ndry run OK: data, model, training, evaluation, TensorBoard and checkpoints all work'
         problems = setup_problems(args)

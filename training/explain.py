@@ -90,7 +90,7 @@ def model_view(image: torch.Tensor, size: int = PANEL) -> Image.Image:
 def overlay(picture: Image.Image, cam: torch.Tensor, size: int = PANEL) -> Image.Image:
     """The Grad-CAM map stretched over the picture (as the model saw it: the whole picture), in colour."""
     base = picture.convert('RGB').resize((size, size), Image.Resampling.BILINEAR)
-    heat = Image.fromarray(cam.numpy().astype(np.float32), mode='F').resize((size, size), Image.Resampling.BILINEAR)
+    heat = Image.fromarray(cam.numpy().astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR)  # mode F
     colours = Image.fromarray(heat_colours(np.asarray(heat)))
     return Image.blend(base, colours, 0.5)
 

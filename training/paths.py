@@ -10,6 +10,8 @@ import os
 import re
 from pathlib import Path
 
+from .platforms import WINDOWS
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -44,7 +46,7 @@ def quoted(argument, windows: bool = None) -> str:
     """``argument`` as it must be typed in the learner's shell to arrive unchanged: in double quotes for cmd.exe
     and PowerShell (``windows``, the default on Windows), in single quotes for POSIX shells, when it needs any."""
     text = str(argument)
-    if windows if windows is not None else os.name == 'nt':
+    if windows if windows is not None else WINDOWS:
         return f'"{text}"' if not text or any(c in _SPECIAL_WINDOWS for c in text) else text
     if text and _PLAIN_POSIX.fullmatch(text):
         return text

@@ -17,7 +17,7 @@ import torch
 from .data import CIFAR10
 from .device import gpu_problem, gpu_problem_text, has_native_bf16
 from .paths import project_path
-from .platforms import can_show, nvidia_gpu
+from .platforms import MACOS, can_show, nvidia_gpu
 
 OLDEST_PYTHON = (3, 9)
 OLDEST_TORCH = (2, 6)  # as requirements.txt says
@@ -67,7 +67,7 @@ def gpu_line() -> str:
 def mps_line() -> str:
     if torch.backends.mps.is_available():
         return 'available: train_gpu_2.py trains on it'
-    if sys.platform == 'darwin':
+    if MACOS:
         return ('not available (it needs macOS 12.3 or newer, and a PyTorch with MPS)' if torch.backends.mps.is_built()
                 else 'not available: this PyTorch was built without it')
     return 'no (not a Mac)'
