@@ -30,7 +30,7 @@ def train(recipe: str, epochs: int, seed: int, args) -> Path:
     """One run (unless it already finished); returns its TensorBoard folder, as its last.pth names it."""
     folder = Path(args.out) / f'{recipe}-{epochs}ep-seed{seed}'
     last = folder / 'model' / 'last.pth'
-    done = last.is_file() and torch.load(last, weights_only=True)['resume']['epoch'] == epochs
+    done = last.is_file() and torch.load(last, map_location='cpu', weights_only=True)['resume']['epoch'] == epochs
     if not done:
         resume = ['--resume'] if last.is_file() else []
         command = [sys.executable, str(HERE / 'train_gpu_2.py'), '--recipe', recipe, '--epochs', str(epochs),
@@ -40,7 +40,7 @@ def train(recipe: str, epochs: int, seed: int, args) -> Path:
         print(f'{recipe}, {epochs} epochs, seed {seed} ...', flush=True)
         if subprocess.run(command).returncode != 0:
             raise UserError(f'failed: {" ".join(command)}')
-    return Path(torch.load(last, weights_only=True)['run_dir'])
+    return Path(torch.load(last, map_location='cpu', weights_only=True)['run_dir'])
 
 
 def curve(run_dir: Path) -> tuple:

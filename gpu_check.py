@@ -1,11 +1,15 @@
 """Check every CUDA path of the project in one command on a GPU machine, and measure it.
 
-    python gpu_check.py --data-dir DIR --out OUT             # on a GPU: the real check, about 6-8 minutes on an H100
-    python gpu_check.py --data-dir DIR --out OUT --tiny      # minutes-free rehearsal (the default without CUDA)
+    python gpu_check.py --out OUT                            # on a GPU: the real check, within --budget (8 min)
+    python gpu_check.py --data-dir DIR --out OUT             # ... on a copy of CIFAR-10 (accuracies that mean something)
+    python gpu_check.py --out OUT --tiny                     # minutes-free rehearsal (the default without CUDA)
     python gpu_check.py --data-dir DIR --out OUT --only runs,ddp   # some steps again
 
-DIR: CIFAR-10 or image folders (train/<class>/, test/<class>/). The steps, each in its own processes, each
-bounded by a time limit; a step that fails is recorded and the next one runs:
+DIR: CIFAR-10 or image folders (train/<class>/, test/<class>/); without it, CIFAR-10-format images are
+generated into OUT/data as benchmark.py does (their class is their colour: the speeds are real, the accuracies
+are not CIFAR-10's, and the table says so). The steps, each in its own processes (and process group, killed
+whole when it overruns), each bounded by its time limit and by what is left of --budget; a step that fails is
+recorded and the next one runs; each step's result is printed as soon as it is known:
 
   tests      the test suite, CUDA-only tests included (with CUDA), and its summary line
   benchmark  benchmark.py on the device at batch 64 and at the fast recipe's batch, with and without
@@ -27,6 +31,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -36,7 +41,8 @@ from pathlib import Path
 import torch
 
 from benchmark import TRAIN_FLOPS, cpu_name
-from training.cli import ArgumentParser, run
+from training.cli import ArgumentParser, positive_int, run
+from training.datagen import write_cifar10
 from training.errors import UserError
 
 ROOT = Path(__file__).resolve().parent
@@ -61,22 +67,34 @@ class Check:
         self.logs = self.out / 'logs'
         self.logs.mkdir(parents=True, exist_ok=True)
         self.cuda = args.device == 'cuda'
+        self.deadline = time.monotonic() + args.budget
         self.results = {'machine': machine(self.cuda), 'tiny': args.tiny, 'data_dir': str(args.data_dir),
+                        'generated_data': args.generated, 'budget': args.budget,
                         'command': ' '.join(['python', *sys.argv]), 'steps': {}}
 
     def command(self, name: str, argv: list, timeout: float, env: dict = None) -> tuple:
-        """Run ``argv`` from the repository (its output into logs/NAME.log): (exit code, output, seconds)."""
+        """Run ``argv`` from the repository (its output into logs/NAME.log), for at most ``timeout`` seconds and
+        what is left of the budget: (exit code, or 'timeout', output, seconds). An overrun kills the command's
+        whole process group: torchrun's workers too, which would keep the GPU."""
+        timeout = max(1.0, min(timeout, self.deadline - time.monotonic()))
         start = time.perf_counter()
         environment = {**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}
+        process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env=environment, start_new_session=True)
         try:
-            done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=environment)
-            code, output = done.returncode, done.stdout + done.stderr
-        except subprocess.TimeoutExpired as e:
-            code, output = 'timeout', f'{(e.stdout or b"").decode(errors="replace")}\n(stopped after {timeout}s)'
+            output, _ = process.communicate(timeout=timeout)
+            code = process.returncode
+        except subprocess.TimeoutExpired:
+            kill_group(process)
+            output, _ = process.communicate()
+            code, output = 'timeout', f'{output}\n(stopped after {timeout:.0f}s: the time limit)'
         seconds = time.perf_counter() - start
         log = f'$ {" ".join(map(str, argv))}\n{output}\nexit: {code}, {seconds:.1f}s\n'
         (self.logs / f'{name}.log').write_text(log)
         return code, output, seconds
+
+    def out_of_time(self) -> bool:
+        return self.deadline - time.monotonic() < 5
 
     def record(self, step: str, result: dict) -> None:
         self.results['steps'][step] = result
@@ -88,10 +106,11 @@ class Check:
     def tests(self) -> dict:
         selection = self.args.pytest.split() if self.args.pytest else []
         code, output, seconds = self.command('tests', [sys.executable, '-m', 'pytest', '-q', '-rs', '-p',
-                                                       'no:cacheprovider', *selection], timeout=self.limit(420),
+                                                       'no:cacheprovider', *selection], timeout=self.limit(300),
                                              env={'GPU_CHECK_RUNNING': '1'})  # its own test is skipped there
         summary = next((line.strip('= ') for line in reversed(output.splitlines())
-                        if re.search(r'\d+ (passed|failed|error)', line)), 'no summary')
+                        if re.search(r'\d+ (passed|failed|error)', line)),
+                       f'stopped at its time limit after {seconds:.0f}s' if code == 'timeout' else 'no summary')
         return {'ok': code == 0, 'summary': summary, 'seconds': round(seconds, 1),
                 'cuda_skips': output.count('needs an NVIDIA GPU')}
 
@@ -100,11 +119,11 @@ class Check:
         size = ['--images', '640', '--rounds', '1', '--warmup', '2'] if tiny else ['--rounds', '1']
         peak = bf16_peak(self.results['machine']['device_name']) if self.cuda else None
         for batch in (64, 128):
-            for compiled in ((False,) if tiny else (False, True)):
+            for compiled in ((False,) if tiny or batch == 64 else (False, True)):  # (compiling takes time: once)
                 name = f'benchmark-{batch}{"-compile" if compiled else ""}'
                 code, output, seconds = self.command(name, [
                     sys.executable, 'benchmark.py', '--device', self.args.device, '--batch-size', str(batch), *size,
-                    *(['--compile'] if compiled else [])], timeout=self.limit(240))
+                    *(['--compile'] if compiled else [])], timeout=self.limit(180))
                 figures = last_json(output)
                 row = {'batch': batch, 'compile': compiled, 'ok': code == 0 and figures is not None,
                        'seconds': round(seconds, 1)}
@@ -177,6 +196,14 @@ class Check:
         return seconds * (0.5 if self.args.tiny else 1)
 
 
+def kill_group(process: subprocess.Popen) -> None:
+    """Kill ``process`` and every process it started (they share its session's process group)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (AttributeError, ProcessLookupError, PermissionError):  # (Windows has no process groups)
+        process.kill()
+
+
 def machine(cuda: bool) -> dict:
     info = {'date': datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), 'torch': torch.__version__,
             'python': platform.python_version(), 'cpu': cpu_name(), 'device_name': 'cpu', 'driver': None,
@@ -213,10 +240,26 @@ def scalar(run_dir: Path, tag: str) -> list:
 
 def table(results: dict) -> str:
     m = results['machine']
+    data = ('generated CIFAR-10-format images (their class is their colour: the accuracies below are not '
+            'CIFAR-10\'s)' if results.get('generated_data') else results['data_dir'])
     lines = [f'gpu_check.py — {m["date"]} — {m["device_name"]} (driver {m["driver"]}, CUDA {m["cuda"]}), '
              f'torch {m["torch"]}, Python {m["python"]}, CPU {m["cpu"]}{" — TINY settings" if results["tiny"] else ""}',
-             f'command: {results["command"]}', '']
-    steps = results['steps']
+             f'command: {results["command"]}', f'data: {data}', '']
+    lines += step_lines(results)
+    failed = [s for s, r in results['steps'].items() if not r['ok']]
+    lines.append(f'result: {"all steps OK" if not failed else "FAILED: " + ", ".join(failed)}')
+    return '\n'.join(lines) + '\n'
+
+
+def step_lines(results: dict, only: str = None) -> list:
+    """The table's lines for each step (or for the step ``only``): a failed or stopped one says so, and why."""
+    lines = []
+    steps = {k: v for k, v in results['steps'].items() if only in (None, k)}
+    for step, r in steps.items():
+        if r.get('error') or r.get('skipped_for_time'):
+            why = r.get('error') or 'not run: the --budget was used up'
+            lines += [f'{step}: {"FAILED" if r.get("error") else "skipped"} — {why}', '']
+    steps = {k: v for k, v in steps.items() if not (v.get('error') or v.get('skipped_for_time'))}
     if 'tests' in steps:
         t = steps['tests']
         lines += [f'tests: {"OK" if t["ok"] else "FAILED"} — {t["summary"]} ({t["seconds"]}s; '
@@ -250,9 +293,7 @@ def table(results: dict) -> str:
         if step == 'ddp' and steps[step].get('ddp_speed_ratio'):
             lines.append(f'  1-process DDP / train_gpu_2.py images/s: {steps[step]["ddp_speed_ratio"]:.2f}x')
         lines.append('')
-    failed = [s for s, r in steps.items() if not r['ok']]
-    lines.append(f'result: {"all steps OK" if not failed else "FAILED: " + ", ".join(failed)}')
-    return '\n'.join(lines) + '\n'
+    return lines
 
 
 def fmt(accuracy) -> str:
@@ -261,18 +302,22 @@ def fmt(accuracy) -> str:
 
 def main(argv=None) -> int:
     p = ArgumentParser(prog='gpu_check.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--data-dir', required=True, help='CIFAR-10 or image folders for the training runs')
+    p.add_argument('--data-dir', help='CIFAR-10 or image folders for the training runs (default: generated '
+                                      'CIFAR-10-format images, in OUT/data)')
     p.add_argument('--out', required=True, help='folder for gpu_check.json, gpu_check.txt and logs/')
     p.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default='auto',
                    help='auto: cuda when there is a GPU, else the cpu with --tiny')
     p.add_argument('--tiny', action='store_true', help='small settings everywhere (always on the cpu)')
+    p.add_argument('--budget', type=positive_int, default=480,
+                   help='seconds for the whole check: each step gets at most what is left (default: 480)')
     p.add_argument('--only', default=','.join(STEPS),
                    help=f'comma-separated steps to run (default: all: {",".join(STEPS)})')
     p.add_argument('--pytest', default=None,
                    help=f'what the tests step passes to pytest (default: the whole suite; with --tiny: {TINY_TESTS})')
     args = p.parse_args(argv)
-    if not Path(args.data_dir).is_dir():
-        raise UserError(f'--data-dir {args.data_dir} is not a folder: give a copy of CIFAR-10 or image folders')
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise UserError(f'--data-dir {args.data_dir} is not a folder: give a copy of CIFAR-10 or image folders, or '
+                        f'leave --data-dir out for generated data')
     if args.device == 'auto':
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if args.device == 'cuda' and not torch.cuda.is_available():
@@ -280,21 +325,43 @@ def main(argv=None) -> int:
     args.tiny = args.tiny or args.device == 'cpu'
     if args.pytest is None:
         args.pytest = TINY_TESTS if args.tiny else ''
-    args.data_dir = Path(args.data_dir).resolve()
     steps = [s.strip() for s in args.only.split(',') if s.strip()]
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         raise UserError(f'--only {",".join(unknown)}: the steps are {", ".join(STEPS)}')
+    args.generated = args.data_dir is None
+    args.data_dir = Path(args.data_dir).resolve() if args.data_dir else generated_data(Path(args.out), args.tiny)
     check = Check(args)
     previous = Path(args.out) / 'gpu_check.json'
     if previous.is_file() and set(steps) != set(STEPS):  # --only: keep the other steps' earlier results
         check.results['steps'] = json.loads(previous.read_text()).get('steps', {})
     for step in steps:
         print(f'{step} ...', flush=True)
-        check.record(step, getattr(check, step)())
+        check.record(step, run_step(check, step))
+        print('\n'.join(step_lines(check.results, step)), flush=True)  # as soon as it is known
     text = table(check.results)
     print(text, end='')
     return 0 if all(r['ok'] for r in check.results['steps'].values()) else 1
+
+
+def run_step(check: Check, step: str) -> dict:
+    """One step's results; a step that fails in the check itself (not in what it runs) is a FAILED row too."""
+    if check.out_of_time():
+        return {'ok': False, 'skipped_for_time': True}
+    try:
+        return getattr(check, step)()
+    except Exception as e:  # the table must still come out, with the other steps' rows
+        return {'ok': False, 'error': f'{type(e).__name__}: {e}'}
+
+
+def generated_data(out: Path, tiny: bool) -> Path:
+    """CIFAR-10-format images in OUT/data (made once): 45,000 / 5,000, as many as the development copy has."""
+    folder = out / 'data'
+    if not (folder / 'cifar-10-batches-py' / 'batches.meta').is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        print('generating CIFAR-10-format images (no --data-dir) ...', flush=True)
+        write_cifar10(folder, per_batch=200 if tiny else 9000, test=200 if tiny else 5000)
+    return folder.resolve()
 
 
 if __name__ == '__main__':

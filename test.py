@@ -34,7 +34,7 @@ from training.paths import project_path
 from training.explain import write_explanations
 from training.files import atomic_save
 from training.recipe import Normalize, inference_net
-from training.report import evaluation_report, format_report
+from training.report import evaluation_report, evaluation_settings, format_report
 
 UNSURE = 0.5  # a top probability below this: say that the model is unsure
 PREPROCESS = transforms.Compose([transforms.Resize((IMAGE_SIZE, IMAGE_SIZE)), transforms.ToTensor()])
@@ -131,6 +131,8 @@ def main(argv=None):
                              'mistakes on the test split of --data-dir')
     parser.add_argument('--data-dir', default=None,
                         help="data set for --eval, as for training (default: the project's dataset/)")
+    parser.add_argument('--precision', choices=['auto', 'fp32', 'bf16', 'fp16'],
+                        help="--eval's arithmetic (default: the checkpoint's own, as its training run evaluated)")
     parser.add_argument('--json', action='store_true', help='print one JSON document instead of text')
     parser.add_argument('--tta', action=argparse.BooleanOptionalAction,
                         help='also look at the mirror image and average (default: as the checkpoint was trained, '
@@ -160,7 +162,8 @@ def main(argv=None):
     tta = args.tta if args.tta is not None else bool(checkpoint.get('config', {}).get('tta'))
     net = inference_net(model, checkpoint.get('normalize'), tta).to(device)  # normalisation, model, mirror
     if args.eval:
-        report = evaluation_report(net, classes, load_data(args.data_dir), device, str(checkpoint_path))
+        how = evaluation_settings(checkpoint, args.precision)
+        report = evaluation_report(net, classes, load_data(args.data_dir), device, str(checkpoint_path), how)
         print(json_text(report) if args.json else format_report(report))
         return
     pictures = [(path, load_picture(path)) for path in paths]

@@ -147,10 +147,18 @@ def test_data_where_no_cache_can_be_written_still_trains(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs an NVIDIA GPU')
-def test_on_cuda_the_data_set_lives_on_the_gpu(tmp_path):
+@pytest.mark.parametrize('augmented', [False, True])
+def test_on_cuda_both_paths_give_the_cpus_batches_on_the_gpu(augmented, tmp_path):
+    """The memory path holds the data set on the GPU; the stream path copies pinned batches there and crops,
+    mirrors and normalises them there: both give exactly the CPU's tensors."""
     data = load_data(write_cifar10(tmp_path, per_batch=30, test=20))
-    fast, _ = make_batches(data, options(), torch.device('cuda'))
-    slow, _ = make_batches(data, options(loader='stream'), CPU)
-    assert fast.images.is_cuda
-    for (x, y), (x_ref, y_ref) in same_length(all_batches(fast, 0), all_batches(slow, 0)):
-        assert x.is_cuda and torch.equal(x.cpu(), x_ref) and torch.equal(y.cpu(), y_ref)
+    recipe = dict(crop_padding=4, flip=True, normalize=True) if augmented else {}
+    cuda = torch.device('cuda')
+    fast, _ = make_batches(data, options(**recipe), cuda)
+    streamed, _ = make_batches(data, options(loader='stream', **recipe), cuda)
+    slow, _ = make_batches(data, options(loader='stream', **recipe), CPU)
+    assert fast.images.is_cuda and streamed.loader.pin_memory
+    for (x, y), (xs, ys), (x_ref, y_ref) in same_length(all_batches(fast, 0), all_batches(streamed, 0),
+                                                        all_batches(slow, 0)):
+        assert x.is_cuda and xs.is_cuda and ys.is_cuda
+        assert torch.equal(x.cpu(), x_ref) and torch.equal(xs.cpu(), x_ref) and torch.equal(y.cpu(), y_ref)

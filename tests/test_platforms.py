@@ -133,7 +133,7 @@ def checkpoint_and_pictures(tmp_path_factory):
     return work
 
 
-@pytest.mark.parametrize('encoding', ['ascii', 'cp1252', 'gbk'])
+@pytest.mark.parametrize('encoding', ['ascii', 'gbk'])  # (cp1252: the training run below)
 def test_no_console_encoding_stops_a_result(encoding, checkpoint_and_pictures, tmp_path):
     work, env = checkpoint_and_pictures, {'PYTHONIOENCODING': encoding}
     args = (work / '照片 😀', '--checkpoint', work / 'model.pth')
@@ -262,7 +262,7 @@ def test_without_fcntl_and_fchmod_files_lock_and_save_as_on_windows(tmp_path):
                              text=True, env=script_env())
     refused = taker.stdout.readline()
     assert 'is in use by another training run (the first run)' in refused  # at once, naming the holder
-    time.sleep(1.5)  # the taker waits for the data lock meanwhile (msvcrt retries every second)
+    time.sleep(1.2)  # the taker waits for the data lock meanwhile (msvcrt retries every second)
     holder.communicate('go\n', timeout=30)
     waited = float(taker.communicate(timeout=30)[0].split()[1][:-1])
     assert waited >= 1.0 and taker.returncode == 0
@@ -509,7 +509,8 @@ class MpsCounting(torch.utils._python_dispatch.TorchDispatchMode):
 def test_the_confusion_matrix_counts_as_an_apple_gpu_can(runs, cifar_dir, tmp_path):
     best = runs['train.py'][0] / 'model' / 'best.pth'
     with MpsCounting():
-        result = run_main('test.py', '--eval', '--checkpoint', best, '--data-dir', cifar_dir, '--json', cwd=tmp_path)
+        result = run_main('test.py', '--eval', '--checkpoint', best, '--data-dir', cifar_dir, '--json',
+                          '--device', 'cpu', cwd=tmp_path)  # (where training evaluated)
     report = json.loads(result.stdout)
     assert sum(map(sum, report['confusion'])) == report['images'] == 200
     assert report['accuracy'] == load_weights(best)['test_accuracy']  # the same counts as training's

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, assert_clean_error, load_weights, run_main, script_module, write_image_folders
+from conftest import CPU, ROOT, assert_clean_error, load_weights, run_main, script_module, write_image_folders
 from model import MyModel
 
 LINE = re.compile(r'^(?P<path>\S+): (?P<name>\w+)(?: \S+)? \((?P<p>[\d.]+)%\)   top 3: (?P<top>.+)$')
@@ -21,7 +21,7 @@ def test_no_arguments_classifies_the_dog_with_the_newest_checkpoint(trained):
     work, _ = trained
     (work / 'images').mkdir(exist_ok=True)
     (work / 'images' / 'dog.png').write_bytes((ROOT / 'images' / 'dog.png').read_bytes())
-    result = run_main('test.py', cwd=work)
+    result = run_main('test.py', *CPU, cwd=work)  # (on a GPU machine: the CPU, as the expectation below)
     assert result.stdout.startswith(f'checkpoint: {"model/last.pth"} (10 classes, epoch 2')
     found = predictions(result.stdout)
     assert list(found) == ['images/dog.png']
@@ -132,7 +132,7 @@ def test_eval_agrees_with_training_and_explains_the_mistakes(trained, cifar_dir)
     work, _ = trained
     checkpoint = load_weights(work / 'model' / 'last.pth')
     result = run_main('test.py', '--eval', '--json', '--data-dir', cifar_dir, '--checkpoint',
-                      work / 'model' / 'last.pth', cwd=work)
+                      work / 'model' / 'last.pth', *CPU, cwd=work)  # where training evaluated
     report = json.loads(result.stdout)
     assert report['images'] == 200
     assert report['accuracy'] == pytest.approx(checkpoint['test_accuracy'])  # same number training logged

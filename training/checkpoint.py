@@ -39,9 +39,26 @@ def save_checkpoint(obj, path, then: str = 'run again') -> None:
                         f'--checkpoint-dir (the checkpoints already there are intact)') from None
 
 
-def model_bundle(model, classes, **info) -> dict:
-    """A self-describing checkpoint: weights plus what is needed to use them."""
-    return {'format': FORMAT, 'model': unwrap(model).state_dict(), 'classes': list(classes), **info}
+def on_the_cpu(obj):
+    """``obj`` -- a state_dict, an optimizer's state, lists and dicts of them -- with every tensor copied to the
+    CPU: a checkpoint written on a GPU then loads anywhere, also with code that passes no map_location."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {key: on_the_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_the_cpu(value) for value in obj)
+    return obj
+
+
+def cpu_weights(model) -> dict:
+    """MyModel's state_dict (also out of DistributedDataParallel), on the CPU: one copy, at save time."""
+    return on_the_cpu(unwrap(model).state_dict())
+
+
+def model_bundle(weights: dict, classes, **info) -> dict:
+    """A self-describing checkpoint: the weights (see cpu_weights) plus what is needed to use them."""
+    return {'format': FORMAT, 'model': weights, 'classes': list(classes), **info}
 
 
 def load_checkpoint(path, device='cpu') -> dict:

@@ -108,6 +108,9 @@ def training_parser(prog: str, description: str, epochs: int, device_flag: bool 
                    help='NHWC memory layout, which the fast convolution kernels want (default: on)')
     p.add_argument('--cudnn-benchmark', action=argparse.BooleanOptionalAction, default=True,
                    help='let cuDNN time its convolution algorithms once and keep the fastest (default: on)')
+    p.add_argument('--deterministic', action='store_true',
+                   help="PyTorch's deterministic algorithms and no cuDNN autotuning, so that on a GPU a rerun or a "
+                        '--resume repeats exactly (the CPU always does); slower on a GPU')
     p.add_argument('--compile', action='store_true',
                    help='torch.compile the model: faster steps on a GPU after some compiling (it needs Triton on '
                         'an NVIDIA GPU, a C++ compiler on the CPU)')

@@ -16,7 +16,7 @@ def describe_run(args, data, train_batches, autocast, progress, run_dir) -> str:
         f'{len(data.classes)} classes, {type(train_batches).__name__}',
         f'{args.epochs} epochs of {len(train_batches)} steps (batch {args.batch_size}, lr {args.lr}, seed {args.seed}, '
         f'{autocast.name}{", channels_last" if args.channels_last else ""}'
-        f'{", compiled" if args.compile else ""}){resuming}',
+        f'{", compiled" if args.compile else ""}{", deterministic" if args.deterministic else ""}){resuming}',
         f'recipe {args.recipe}: {describe_recipe(args)}',
         f'TensorBoard: {run_dir}/  checkpoints: {args.checkpoint_dir}/'])
 

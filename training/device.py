@@ -176,12 +176,23 @@ class Autocast:
         return torch.amp.GradScaler(self.device_type if enabled else 'cpu', enabled=enabled)
 
 
+def use_deterministic_algorithms() -> None:
+    """--deterministic: the algorithms PyTorch documents as giving the same result every time on the same GPU
+    and software (cuDNN's and cuBLAS's included), where the fastest ones may add up in another order from one
+    run to the next. An operation that has no such algorithm warns (PyTorch's warn_only) instead of stopping."""
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # cuBLAS's reproducible mode (read at its start)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+
+
 def use_fast_paths(model, args, device: torch.device) -> None:
     """The device's fast paths, each switched by a flag; ``model`` keeps its own weights and keys."""
     if args.channels_last:  # NHWC: the layout fast convolution kernels want
         model.to(memory_format=torch.channels_last)
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = args.cudnn_benchmark  # time the algorithms once, keep the fastest
+    if args.deterministic:
+        use_deterministic_algorithms()
+    if device.type == 'cuda':  # time the algorithms once, keep the fastest (which may differ from run to run)
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark and not args.deterministic
     if args.compile:
         problem = compile_problem(device.type)  # before training, not as a traceback at its first step
         if problem:

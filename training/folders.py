@@ -14,7 +14,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .checkpoint import model_bundle, save_checkpoint
+from .checkpoint import cpu_weights, model_bundle, save_checkpoint
 from .distributed import is_main_process, unwrap, world_size
 from .errors import UserError
 from .paths import command, is_project_path, project_path
@@ -69,20 +69,22 @@ class CheckpointFolder:
         path = self.path / f'model_{epoch}.pth'
         if not self.writes:
             return path
-        bundle = model_bundle(model, **self.bundle, **progress.last_test, step=progress.step)
+        weights = cpu_weights(model)  # copied off the device once, for all three files
+        bundle = model_bundle(weights, **self.bundle, **progress.last_test, step=progress.step)
         # the tutorial's plain state_dict, unless the images must be normalised to use the weights
-        self.save(bundle if self.bundle['normalize'] else unwrap(model).state_dict(), path)
+        self.save(bundle if self.bundle['normalize'] else weights, path)
         if progress.best['epoch'] == epoch:
             self.save(bundle, self.path / 'best.pth')
-        self.save_last(model, optimizer, progress)
+        self.save_last(model, optimizer, progress, weights=weights)
         return path
 
-    def save_last(self, model, optimizer, progress: Progress, meter=None) -> None:
+    def save_last(self, model, optimizer, progress: Progress, meter=None, weights=None) -> None:
         """last.pth: the whole training state; ``meter`` is the epoch under way, when it was interrupted."""
         meter_state = meter and meter.state_dict()  # in every process: it sums over them
         if self.writes:
-            self.save(training_state(model, optimizer, progress, progress.epoch, meter_state, **self.bundle),
-                      self.path / 'last.pth')
+            weights = cpu_weights(model) if weights is None else weights
+            state = training_state(weights, optimizer, progress, progress.epoch, meter_state, **self.bundle)
+            self.save(state, self.path / 'last.pth')
             self.resumable = True
 
     def save(self, obj, path: Path) -> None:

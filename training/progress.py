@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import mismatch, model_bundle
+from .checkpoint import mismatch, model_bundle, on_the_cpu
 from .distributed import unwrap
 from .errors import UserError
 from .paths import shown
@@ -52,7 +52,10 @@ def restore(resumed, model, optimizer, classes, scaler=None) -> Progress:
     if problem:
         raise UserError(f'{source} does not fit this model ({problem})')
     unwrap(model).load_state_dict(resumed['model'])  # copied onto the model's device (in every process)
-    optimizer.load_state_dict(resumed['optimizer'])  # its state follows the parameters' device
+    steps_as = [{k: group[k] for k in ('fused', 'foreach') if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(resumed['optimizer'])  # its state follows the parameters' device ...
+    for group, how in zip(optimizer.param_groups, steps_as):  # ... and how it steps is this machine's choice
+        group.update(how)  # (a GPU run's fused kernels, continued on the CPU, and the other way round)
     if scaler is not None and resumed.get('scaler'):
         scaler.load_state_dict(resumed['scaler'])
     torch.set_rng_state(resumed['rng']['torch'].cpu())
@@ -64,13 +67,15 @@ def restore(resumed, model, optimizer, classes, scaler=None) -> Progress:
                     run_dir=resumed['run_dir'] and str(shown(resumed['run_dir'])), resumed_from=source, scaler=scaler)
 
 
-def training_state(model, optimizer, progress: Progress, epoch: int, meter_state, **bundle) -> dict:
-    """last.pth: the weights and everything needed to continue at epoch ``epoch``; ``meter_state`` is set
-    when that epoch is already under way. ``bundle``: classes, config and normalize, as in best.pth."""
+def training_state(weights: dict, optimizer, progress: Progress, epoch: int, meter_state, **bundle) -> dict:
+    """last.pth: the weights (on the CPU, see checkpoint.cpu_weights) and everything needed to continue at epoch
+    ``epoch``, all on the CPU; ``meter_state`` is set when that epoch is already under way. ``bundle``: classes,
+    config and normalize, as in best.pth."""
     rng = {'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         rng['cuda'] = torch.cuda.get_rng_state_all()
     scaler = progress.scaler.state_dict() if progress.scaler is not None and progress.scaler.is_enabled() else None
-    return model_bundle(model, **bundle, **progress.last_test, step=progress.step, optimizer=optimizer.state_dict(),
+    return model_bundle(weights, **bundle, **progress.last_test, step=progress.step,
+                        optimizer=on_the_cpu(optimizer.state_dict()),
                         best=progress.best, run_dir=progress.run_dir and os.path.abspath(progress.run_dir),
                         rng=rng, scaler=scaler, resume={'epoch': epoch, 'meter': meter_state})

@@ -63,13 +63,21 @@ def apply_recipe(args) -> None:
             setattr(args, key, value(args) if callable(value) else value)
 
 
+def fused_steps(device: torch.device) -> bool:
+    """Whether SGD runs as PyTorch's fused kernels: on a GPU, where it takes fp16's gradient scaler's
+    overflow flag on the device (the plain path asks for it with .item(), a CPU-GPU sync every step) and is
+    one kernel launch instead of several. On the CPU the plain path stays, and with it the CPU's exact results."""
+    return device.type == 'cuda'
+
+
 def make_optimizer(model: nn.Module, args) -> torch.optim.SGD:
     """SGD; weight decay applies to the weight matrices and kernels only, not to biases."""
     weights = [p for p in model.parameters() if p.dim() > 1]
     biases = [p for p in model.parameters() if p.dim() <= 1]
+    fused = fused_steps(weights[0].device) or None  # (None: PyTorch's own default, foreach where it can)
     return torch.optim.SGD([{'params': weights, 'weight_decay': args.weight_decay},
                             {'params': biases, 'weight_decay': 0.0}],
-                           lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+                           lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, fused=fused)
 
 
 def lr_schedule(args, total_steps: int):

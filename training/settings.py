@@ -19,7 +19,8 @@ from .paths import project_path
 from .recipe import RECIPES, SETTINGS, apply_recipe
 
 # what a resumed run keeps from the interrupted one, whatever the command line says
-RESUMED_SETTINGS = ('recipe', *SETTINGS, 'seed', 'val_size', 'precision', 'channels_last', 'log_interval')
+RESUMED_SETTINGS = ('recipe', *SETTINGS, 'seed', 'val_size', 'precision', 'channels_last', 'log_interval',
+                    'deterministic')
 DRY_RUN_EPOCHS = 2
 
 
@@ -66,7 +67,8 @@ def training_settings(argv, script: str, description: str, epochs: int, device_f
 def take_resumed_settings(args, resumed: dict) -> None:
     """--resume: the settings the weights were trained with replace those of the command line."""
     config, path = resumed['config'], resumed['path']
-    before_recipes = {'recipe': 'tutorial', 'val_size': 0, **RECIPES['tutorial']}  # older checkpoints lack these
+    before_recipes = {'recipe': 'tutorial', 'val_size': 0, 'deterministic': False,  # older checkpoints lack these
+                      **RECIPES['tutorial']}
     for key in RESUMED_SETTINGS:
         setattr(args, key, config[key] if key in config else before_recipes[key])
     if args.schedule != 'constant' and args.epochs != config['epochs']:
