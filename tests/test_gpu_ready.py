@@ -157,8 +157,10 @@ def test_checkpoints_hold_cpu_tensors_whatever_device_trained(monkeypatch):
     saved as the scripts save them: every tensor of model_{i}.pth, best.pth and last.pth is a CPU one."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from argparse import Namespace
-    with FakeTensorMode(allow_non_fake_inputs=True), torch.device('cuda'):
-        model = MyModel()
+    with torch.device('meta'):
+        model = MyModel()  # (no weights drawn: a simulated device has no random numbers to draw them)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device='cuda')
         optimizer = make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0))
         for p in model.parameters():
             optimizer.state[p]['momentum_buffer'] = torch.zeros_like(p)
