@@ -107,7 +107,7 @@ def test_the_setup_check_says_what_a_learner_would_ask_and_each_problem_with_its
     (tmp_path / 'model').write_text('a file where the checkpoint folder should be')
     out = run_main('train.py', '--dry-run', cwd=tmp_path).stdout
     report = out[out.index('setup check'):out.index('\ndata: ')]
-    for name in ('Python', 'PyTorch', 'NVIDIA GPU', 'Apple GPU', 'bf16', 'training on', 'CIFAR-10', 'folders',
+    for name in ('Python', 'PyTorch', 'NVIDIA GPU', 'Apple GPU', 'training on', 'precision', 'CIFAR-10', 'folders',
                  'console'):
         assert re.search(rf'^  {name} +\S', report, flags=re.MULTILINE), name
     assert f'{torch.__version__}, CUDA {torch.version.cuda} build' in report or 'CPU-only build' in report

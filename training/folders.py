@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .checkpoint import cpu_weights, model_bundle, save_checkpoint
-from .distributed import is_main_process, unwrap, world_size
+from .distributed import is_main_process, world_size
 from .errors import UserError
 from .paths import command, is_project_path, project_path
 from .platforms import lock_file

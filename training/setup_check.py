@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .data import CIFAR10
-from .device import gpu_problem, gpu_problem_text, has_native_bf16
+from .device import Autocast, gpu_problem, gpu_problem_text, has_native_bf16
 from .paths import project_path
 from .platforms import MACOS, can_show, nvidia_gpu
 
@@ -106,8 +106,9 @@ def real_folders(args) -> list:
     return [Path(args.data_dir), project_path('model'), project_path('logs')]
 
 
-def setup_problems(args) -> list:
-    """Every problem found, as (English, Chinese): each says what is wrong and how to fix it."""
+def setup_problems(args, unwritable_folders: dict = None) -> list:
+    """Every problem found, as (English, Chinese): each says what is wrong and how to fix it.
+    ``unwritable_folders``: {folder: why} when the caller has looked already (see folder_problems)."""
     problems = []
     if sys.version_info[:2] < OLDEST_PYTHON or sys.maxsize <= 2 ** 32:
         problems.append((f'Python {platform.python_version()} ({bits()}): this project needs a '
@@ -122,14 +123,13 @@ def setup_problems(args) -> list:
     problem = gpu_problem()
     if problem:
         problems.append((gpu_problem_text(problem), gpu_problem_text(problem, chinese=True)))
-    for folder in real_folders(args):
-        why = unwritable(folder)
-        if why:
-            problems.append((f'{folder}/ cannot be written ({why}): move the project to a folder of your own '
-                             f'(not C:\\Program Files or a read-only drive), or give --data-dir, --checkpoint-dir '
-                             f'and --log-dir',
-                             f'{folder}/ 无法写入（{why}）：把项目放到自己的文件夹里（不要放在 C:\\Program Files 或只读的盘上），'
-                             f'或者用 --data-dir、--checkpoint-dir、--log-dir 指定别的文件夹'))
+    folders = folder_problems(args) if unwritable_folders is None else unwritable_folders
+    for folder, why in folders.items():
+        problems.append((f'{folder}/ cannot be written ({why}): move the project to a folder of your own '
+                         f'(not C:\\Program Files or a read-only drive), or give --data-dir, --checkpoint-dir '
+                         f'and --log-dir',
+                         f'{folder}/ 无法写入（{why}）：把项目放到自己的文件夹里（不要放在 C:\\Program Files 或只读的盘上），'
+                         f'或者用 --data-dir、--checkpoint-dir、--log-dir 指定别的文件夹'))
     if not can_show('猫'):
         encoding = getattr(sys.stdout, 'encoding', None)
         problems.append((f'this console\'s encoding ({encoding}) cannot show Chinese: class names come out as \\u '
@@ -139,24 +139,28 @@ def setup_problems(args) -> list:
     return problems
 
 
+def folder_problems(args) -> dict:
+    """{folder: why} for each folder of real_folders that cannot be written."""
+    found = {folder: unwritable(folder) for folder in real_folders(args)}
+    return {folder: why for folder, why in found.items() if why}
+
+
 def setup_report(args, device) -> str:
     """The lines the dry run starts with (see the module's docstring)."""
-    bf16 = has_native_bf16(device)
-    folders = ', '.join(f'{folder}/' for folder in real_folders(args))
-    problems = setup_problems(args)
+    unwritable_folders = folder_problems(args)
+    problems = setup_problems(args, unwritable_folders)
     rows = [
-        ('Python', f'{platform.python_version()} ({bits()}) on {platform.system()} '
-                   f'{platform.machine()}'),
+        ('Python', f'{platform.python_version()} ({bits()}) on {platform.system()} {platform.machine()}'),
         ('PyTorch', f'{torch.__version__}, {torch_build()}; torchvision {version_of("torchvision")}, '
                     f'Pillow {version_of("PIL")}, TensorBoard {version_of("tensorboard")}'),
         ('NVIDIA GPU', gpu_line()),
         ('Apple GPU', mps_line()),
-        ('bf16', f'native on this {device.type}: --precision auto trains in bf16' if bf16 else
-         f'not native on this {device.type}: --precision auto trains in fp32 (fp16 on GPUs that do it fast)'),
         ('training on', str(device)),
+        ('precision', f'--precision auto: {Autocast("auto", device).name} on this {device.type} '
+                      f'({"native bf16" if has_native_bf16(device) else "no native bf16"})'),
         ('CIFAR-10', data_line(Path(args.data_dir))),
-        ('folders', f'{folders} ' + ('cannot all be written (see below)' if any(unwritable(f) for f in
-                                                                            real_folders(args)) else 'writable')),
+        ('folders', ', '.join(f'{folder}/' for folder in real_folders(args)) +
+         (' cannot all be written (see below)' if unwritable_folders else ' writable')),
         ('console', f'{getattr(sys.stdout, "encoding", None) or "?"}'),
     ]
     lines = ['setup check (环境检查):'] + [f'  {name:<12} {value}' for name, value in rows]
