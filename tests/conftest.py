@@ -122,10 +122,11 @@ def script_path(script: str, cwd: Path) -> Path:
     return (project_copy(cwd) if script in PROJECT_FILES else ROOT) / script
 
 
-def run_script(script: str, *args, cwd: Path, check: bool = True, timeout: float = 300, env=None):
-    """Run one of the project's scripts as a user would, in a new process, from ``cwd`` (see script_path)."""
+def run_script(script: str, *args, cwd: Path, check: bool = True, timeout: float = 300, env=None, text=True):
+    """Run one of the project's scripts as a user would, in a new process, from ``cwd`` (see script_path).
+    ``text=False``: its output as bytes, as the console gets them (to decode in the console's encoding)."""
     result = subprocess.run([sys.executable, str(script_path(script, cwd)), *map(str, args)], cwd=cwd,
-                            env=script_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+                            env=script_env(**(env or {})), capture_output=True, text=text, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f'{script} {" ".join(map(str, args))} exited {result.returncode}\n'
                              f'--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}')

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageFont
 
 import training.platforms as platforms
-from conftest import (ROOT, assert_clean_error, load_weights, posix_only, project_copy, run_main,
+from conftest import (ROOT, assert_clean_error, load_weights, posix_only, project_copy, run_main, run_script,
                       same_weights, script_env, write_cifar10, write_image_folders)
 from training import data as data_module
 from training import device as device_module
@@ -137,18 +137,19 @@ def checkpoint_and_pictures(tmp_path_factory):
 def test_no_console_encoding_stops_a_result(encoding, checkpoint_and_pictures, tmp_path):
     work, env = checkpoint_and_pictures, {'PYTHONIOENCODING': encoding}
     args = (work / '照片 😀', '--checkpoint', work / 'model.pth')
-    result = run_script_with('test.py', *args, cwd=tmp_path, env=env)
+    result = run_script('test.py', *args, cwd=tmp_path, env=env, text=False)
     text = result.stdout.decode(encoding)  # what the console shows
     assert text.count('.png: ') == 3 and 'Traceback' not in result.stderr.decode(encoding, 'replace')
     for name, shown in (('猫', '猫' if encoding == 'gbk' else '\\u732b'), ('강아지', '\\uac15\\uc544\\uc9c0')):
         assert f'{shown}.png' in text, (name, text)  # never lost: the character, or its escape
-    document = json.loads(run_script_with('test.py', *args, '--json', cwd=tmp_path, env=env).stdout.decode(encoding))
+    shown_json = run_script('test.py', *args, '--json', cwd=tmp_path, env=env, text=False).stdout
+    document = json.loads(shown_json.decode(encoding))
     assert sorted(Path(p['image']).name for p in document['predictions']) == ['cat.png', '猫.png', '강아지.png']
     assert document['predictions'][0]['top'][0]['chinese'] in data_module.CHINESE_NAMES.values()
 
     if encoding == 'ascii':  # and an error line that names such a file
-        missing = run_script_with('test.py', work / '没有 😀.png', '--checkpoint', work / 'model.pth', cwd=tmp_path,
-                                  env=env, check=False)
+        missing = run_script('test.py', work / '没有 😀.png', '--checkpoint', work / 'model.pth', cwd=tmp_path,
+                             env=env, check=False, text=False)
         line = assert_clean_error(subprocess.CompletedProcess([], missing.returncode, '',
                                                               missing.stderr.decode(encoding)), 'no such file')
         assert '\\u6ca1\\u6709 \\U0001f600.png' in line
@@ -157,18 +158,9 @@ def test_no_console_encoding_stops_a_result(encoding, checkpoint_and_pictures, t
 def test_a_training_run_into_a_folder_the_console_cannot_name(cifar_dir, tmp_path):
     data = tmp_path / '数据 😀'
     shutil.copytree(cifar_dir, data)
-    result = run_script_with('train.py', *ONE_EPOCH, '--data-dir', data.name, cwd=tmp_path,
-                             env={'PYTHONIOENCODING': 'cp1252'})
+    result = run_script('train.py', *ONE_EPOCH, '--data-dir', data.name, cwd=tmp_path,
+                        env={'PYTHONIOENCODING': 'cp1252'}, text=False)
     assert 'CIFAR-10 in \\u6570\\u636e \\U0001f600/cifar-10-batches-py/' in result.stdout.decode('cp1252')
-
-
-def run_script_with(script, *args, cwd, env, check=True):
-    """A script in a new process whose output is kept as bytes, as the console gets them."""
-    result = subprocess.run([sys.executable, str(project_copy(cwd) / script), *map(str, args)], cwd=cwd,
-                            env=script_env(**env), capture_output=True, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(result.stderr.decode(errors='replace'))
-    return result
 
 
 # ---------------------------------------------------------------- Windows file semantics
@@ -634,12 +626,12 @@ def test_a_compiler_that_fails_anyway_is_one_line(capsys):
 
 def test_the_code_runs_on_the_oldest_python_the_project_declares():
     """pyproject.toml says which Pythons the project supports; vermin reads every file for what needs newer."""
-    vermin = pytest.importorskip('vermin', reason='vermin (requirements-dev.txt) reads the code for its Python')
+    pytest.importorskip('vermin', reason='vermin (requirements-dev.txt) reads the code for its Python')
     declared = re.search(r'requires-python\s*=\s*">=(\d+)\.(\d+)"', (ROOT / 'pyproject.toml').read_text())
     oldest = f'{declared[1]}.{declared[2]}'
     assert oldest == '3.9'
     files = [str(p) for p in [*ROOT.glob('*.py'), *(ROOT / 'training').glob('*.py'), *(ROOT / 'tests').glob('*.py')]]
-    result = subprocess.run([sys.executable, '-c', 'import sys, vermin; sys.exit(vermin.main())', f'-t={oldest}-', '--violations', '--eval-annotations',
-                             '--no-tips', '--no-config-file', *files], capture_output=True, text=True, timeout=120)
+    vermin = [sys.executable, '-c', 'import sys, vermin; sys.exit(vermin.main())']
+    result = subprocess.run([*vermin, f'-t={oldest}-', '--violations', '--eval-annotations', '--no-tips',
+                             '--no-config-file', *files], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert vermin is not None

@@ -150,22 +150,26 @@ class DownloadFailed(Exception):
     """Why a download did not give a verified file (offline, blocked, stalled, damaged)."""
 
 
+def md5():
+    return hashlib.md5(usedforsecurity=False)  # a checksum, not security (FIPS machines refuse md5 else)
+
+
 def md5_of(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)  # a checksum, not security (FIPS machines refuse md5 else)
+    digest = md5()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def download(url: str, target: Path, md5: str, say=print) -> None:
+def download(url: str, target: Path, expected_md5: str, say=print) -> None:
     """``url`` into ``target``: one line before it starts, a progress bar in a terminal, given up when no byte
     arrives for STALL_SECONDS, and the MD5 checksum checked before the file takes ``target``'s name (until
     then it is a hidden .part file, removed on any failure)."""
     partial = target.with_name(f'.{target.name}.part')
     say(f'downloading CIFAR-10: {target.name} ({CIFAR10_MB} MB) from {url} into {target.parent}/ '
         f'(given up after {STALL_SECONDS:g}s without data)')
-    digest = hashlib.md5(usedforsecurity=False)  # a checksum, not security (FIPS machines refuse md5 else)
+    digest = md5()
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers={'User-Agent': 'cifar10-tutorial'}),
                                     timeout=STALL_SECONDS) as response, open(partial, 'wb') as out:
@@ -177,9 +181,9 @@ def download(url: str, target: Path, md5: str, say=print) -> None:
                     out.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
-        if digest.hexdigest() != md5:
+        if digest.hexdigest() != expected_md5:
             raise DownloadFailed(f'the file that arrived is not CIFAR-10 (its MD5 checksum is {digest.hexdigest()}, '
-                                 f'not {md5}): a proxy or captive portal page, or a damaged transfer')
+                                 f'not {expected_md5}): a proxy or captive portal page, or a damaged transfer')
         replace_file(partial, target)
     except (socket.timeout, TimeoutError):
         raise DownloadFailed(f'no data arrived for {STALL_SECONDS:g}s') from None
