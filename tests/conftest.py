@@ -35,7 +35,7 @@ CPU = ('--device', 'cpu') if torch.cuda.is_available() else ()  # for train_gpu_
 
 def load_script(name: str):
     """A top-level script as a module (test.py cannot be imported by name: Python has a `test` package)."""
-    spec = importlib.util.spec_from_file_location(Path(name).stem + '_script', ROOT / name)
+    spec = importlib.util.spec_from_file_location(Path(name).stem, ROOT / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,0 +1,351 @@
+"""Each recipe ingredient proven to act, in all four training scripts and in test.py; best.pth proven to be the
+best epoch; the checkpoints' fields proven to be those of the epoch they claim.
+
+The cases are built so that the behaviour shows, not by redoing the code: tiny image folders trained for one
+or two steps, each step one batch of the whole training split (so the data order cannot matter), compared
+with a run without the ingredient. One SGD step from the seed's initial weights w0 is w1 = w0 - lr * g, and
+what an ingredient does to it follows from its definition: weight decay adds lr * decay * w0 to the weights
+(not the biases), Nesterov's first step is (1 + momentum) times the plain one, label smoothing moves the last
+layer's biases by lr * smoothing * (class frequency - 1/classes), clipping leaves a step of length lr * norm,
+normalisation makes training blind to a per-channel scale and shift of the pixels, the mirror average (TTA) makes
+scores blind to mirroring, and a mirror or a zero-padded crop changes nothing for images it maps onto themselves.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CPU, load_weights, run_main, scalars, script_module
+from model import MyModel
+from training.datagen import learnable_images
+
+SCRIPTS = ['train.py', 'train_gpu_1.py', 'train_gpu_2.py', 'train_ddp.py']
+CLASSES = ['a', 'b', 'c']
+COUNTS = (6, 3, 3)  # training images per class: unequal, so that label smoothing moves the biases
+LR = 0.1
+ONE_STEP = ('--batch-size', sum(COUNTS), '--lr', LR, '--precision', 'fp32', '--quiet',
+            '--log-interval', 1, '--run-name', 'run')
+
+
+def noise(n: int, seed: int) -> np.ndarray:
+    """n random 32x32 RGB images with even pixel values (so that value / 2 + 64 is a whole number too)."""
+    return np.random.default_rng(seed).integers(0, 128, (n, 32, 32, 3), dtype=np.uint8) * 2
+
+
+def mirror_symmetric(images: np.ndarray) -> np.ndarray:
+    """Each image's left half, mirrored onto its right half: images that a horizontal mirror leaves as they are."""
+    return np.concatenate([images[:, :, :16], images[:, :, :16][:, :, ::-1]], axis=2)
+
+
+def write_folders(root, train: np.ndarray, test: np.ndarray, train_labels=None, test_labels=None):
+    """root/train/<class>/*.png and root/test/<class>/*.png (PNG: the pixels come back exactly)."""
+    for split, images, labels in (('train', train, train_labels), ('test', test, test_labels)):
+        if labels is None:
+            labels = np.repeat(np.arange(len(COUNTS)), COUNTS) if split == 'train' else np.arange(len(images)) % 3
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = root / split / CLASSES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f'{i:03d}.png')
+    return root
+
+
+@pytest.fixture(scope='module')
+def folders(tmp_path_factory):
+    """Data sets that differ in one respect each, made once: {name: root}."""
+    root = tmp_path_factory.mktemp('promises')
+    train, test = noise(sum(COUNTS), 1), noise(6, 2)
+    return {
+        'noise': write_folders(root / 'noise', train, test),
+        # the same pictures, each pixel value v as v / 2 + 64: another per-channel scale and shift
+        'rescaled': write_folders(root / 'rescaled', train // 2 + 64, test // 2 + 64),
+        # the same training images, the test images mirrored
+        'mirrored test': write_folders(root / 'mirrored test', train, test[:, :, ::-1].copy()),
+        'symmetric': write_folders(root / 'symmetric', mirror_symmetric(train), mirror_symmetric(test)),
+        'black': write_folders(root / 'black', np.zeros_like(train), np.zeros_like(test)),
+    }
+
+
+class Trainer:
+    """Runs a script in this process on one of the folders, each combination once; returns its checkpoint folder."""
+
+    def __init__(self, folders, root):
+        self.folders, self.root, self.done = folders, root, {}
+
+    def __call__(self, script: str, data: str = 'noise', *flags, epochs: int = 1):
+        key = (script, data, flags, epochs)
+        if key not in self.done:
+            work = self.root / f'run{len(self.done)}'
+            work.mkdir()
+            device = CPU if script in ('train_gpu_2.py', 'train_ddp.py') else ()
+            run_main(script, *ONE_STEP, *device, '--data-dir', self.folders[data], '--epochs', epochs, *flags,
+                     cwd=work)
+            self.done[key] = work
+        return self.done[key]
+
+
+@pytest.fixture(scope='module')
+def train(folders, tmp_path_factory):
+    return Trainer(folders, tmp_path_factory.mktemp('runs'))
+
+
+def weights(work, epoch: int = 0) -> dict:
+    """model_{epoch}.pth's weights (a bundle's 'model' with --normalize)."""
+    saved = load_weights(work / 'model' / f'model_{epoch}.pth')
+    return saved['model'] if 'format' in saved else saved
+
+
+def initial_weights() -> dict:
+    """The weights every run starts from: the seed's (--seed 0), as the scripts draw them."""
+    torch.manual_seed(0)
+    return MyModel(num_classes=len(CLASSES)).state_dict()
+
+
+def step(after: dict, before: dict) -> dict:
+    return {k: after[k] - before[k] for k in before}
+
+
+def close(a: dict, b: dict, atol: float = 1e-6) -> bool:
+    return all(torch.allclose(a[k], b[k], rtol=1e-4, atol=atol) for k in a)
+
+
+def identical(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def norm(tensors: dict) -> float:
+    return math.sqrt(sum(t.double().pow(2).sum().item() for t in tensors.values()))
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_label_smoothing_moves_the_last_biases_by_the_class_frequencies(script, train):
+    """d loss / d bias_k = mean(p_k - target_k); smoothing s puts s/K on every class and 1 - s on the true one,
+    so the smoothed step moves bias k by lr * s * (share of class k - 1/K) further than the plain step."""
+    w0 = initial_weights()
+    plain, smoothed = weights(train(script)), weights(train(script, 'noise', '--label-smoothing', 0.3))
+    shift = smoothed['model.8.bias'] - plain['model.8.bias']
+    share = torch.tensor(COUNTS) / sum(COUNTS)
+    assert torch.allclose(shift, -LR * 0.3 * (share - 1 / len(CLASSES)), atol=1e-6)
+    assert not torch.equal(plain['model.8.bias'], w0['model.8.bias'])  # the plain run did step
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_weight_decay_pulls_the_weights_toward_zero_but_not_the_biases(script, train):
+    w0 = initial_weights()
+    plain, decayed = weights(train(script)), weights(train(script, 'noise', '--weight-decay', 0.5))
+    for name, start in w0.items():
+        pulled = decayed[name] - plain[name]
+        if start.dim() > 1:  # convolution kernels and weight matrices: lr * decay * w further toward 0
+            assert torch.allclose(pulled, -LR * 0.5 * start, atol=1e-6), name
+        else:  # biases: untouched by the decay
+            assert torch.allclose(pulled, torch.zeros_like(pulled), atol=1e-7), name
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_nesterov_and_momentum_change_the_steps_as_defined(script, train):
+    """Nesterov's first step is g + momentum * g; plain momentum's first step is plain SGD's, and its second adds
+    momentum times the first."""
+    w0 = initial_weights()
+    plain = weights(train(script))
+    nesterov = weights(train(script, 'noise', '--momentum', 0.9, '--nesterov'))
+    assert close(step(nesterov, w0), {k: 1.9 * v for k, v in step(plain, w0).items()})
+
+    sgd = [weights(train(script, epochs=2), e) for e in (0, 1)]
+    momentum = [weights(train(script, 'noise', '--momentum', 0.9, epochs=2), e) for e in (0, 1)]
+    assert close(momentum[0], sgd[0])
+    assert close(step(momentum[1], sgd[1]), {k: 0.9 * v for k, v in step(sgd[0], w0).items()})
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_gradient_clipping_caps_the_step_length(script, train):
+    w0 = initial_weights()
+    plain = step(weights(train(script)), w0)
+    assert norm(plain) / LR > 0.05 * 10  # the gradient is far longer than the cap: clipping bites
+    clipped = step(weights(train(script, 'noise', '--clip-grad', 0.05)), w0)
+    assert norm(clipped) == pytest.approx(LR * 0.05, rel=1e-3)  # the step: lr * the norm it is capped at
+    assert close(clipped, {k: v * LR * 0.05 / norm(plain) for k, v in plain.items()}, atol=1e-8)  # same direction
+    loose = step(weights(train(script, 'noise', '--clip-grad', 1e6)), w0)  # a cap that does not bite
+    assert close(loose, plain, atol=1e-8)
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_schedules_set_each_steps_learning_rate(script, train):
+    """4 epochs of one step: onecycle with --warmup 0.5 warms up over 2 steps (its first at lr / 2); without warmup
+    onecycle's second step is at 3/4 of lr, cosine's at (1 + cos(pi / 4)) / 2 of it, both after the same first step."""
+    w0 = initial_weights()
+    constant = [weights(train(script, epochs=2), e) for e in (0, 1)]
+    warm = weights(train(script, 'noise', '--schedule', 'onecycle', '--warmup', 0.5, epochs=4))
+    assert close(step(warm, w0), {k: v / 2 for k, v in step(constant[0], w0).items()})
+    for schedule, factor in (('onecycle', 0.75), ('cosine', (1 + math.cos(math.pi / 4)) / 2)):
+        run = train(script, 'noise', '--schedule', schedule, '--warmup', 0, epochs=4)
+        first, second = weights(run, 0), weights(run, 1)
+        assert close(first, constant[0])
+        assert close(step(second, first), {k: v * factor for k, v in step(constant[1], constant[0]).items()})
+        lr = [v for _, v in scalars(run / 'logs' / 'run', 'learning_rate')]
+        assert lr[:2] == pytest.approx([LR, LR * factor])
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+@pytest.mark.parametrize('flags, blind_to', [(('--flip',), 'symmetric'), (('--crop-padding', 2), 'black')])
+def test_augmentation_changes_what_training_sees(script, flags, blind_to, train):
+    """A mirror changes the training images unless they are mirror-symmetric (a vertical flip would change
+    those too); a crop of a zero-padded image changes them unless they are black."""
+    assert not identical(weights(train(script, 'noise', *flags)), weights(train(script, 'noise')))
+    assert identical(weights(train(script, blind_to, *flags)), weights(train(script, blind_to)))
+
+
+@pytest.mark.parametrize('loader', ['memory', 'stream'])
+def test_mirrors_are_drawn_for_half_the_images_and_crops_at_every_offset(loader, tmp_path):
+    """What training is given, image by image: each training image is black with one white pixel at row 10,
+    column 5; where the pixel went tells the crop offset (-2..2 each way, with --crop-padding 2) and the mirror."""
+    from training.batches import make_batches
+    from training.data import load_training_data
+    from training.settings import training_settings
+    images = np.zeros((300, 32, 32, 3), dtype=np.uint8)
+    images[:, 10, 5] = 255
+    write_folders(tmp_path, images, images[:6], train_labels=np.arange(300) % 3)
+    args, _ = training_settings(['--data-dir', str(tmp_path), '--flip', '--crop-padding', '2', '--batch-size', '100',
+                                 '--loader', loader], 'train.py', '', epochs=2)
+    batches, _ = make_batches(load_training_data(args), args, torch.device('cpu'))
+    where = []
+    for epoch in (0, 1):
+        dots = [(image.sum(0) > 0).nonzero().tolist() for batch, _ in batches.epoch(epoch) for image in batch]
+        assert all(len(dot) == 1 for dot in dots)  # each image still holds its one white pixel, and nothing else
+        where.append([tuple(dot[0]) for dot in dots])
+    for dots in where:
+        mirrored = [column >= 16 for _, column in dots]
+        assert 0.4 < sum(mirrored) / len(dots) < 0.6
+        unmirrored = [(row, 31 - column if flipped else column) for (row, column), flipped in zip(dots, mirrored)]
+        assert {(row - 10, column - 5) for row, column in unmirrored} == \
+            {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+    assert where[0] != where[1]  # new crops and mirrors every epoch
+
+
+def pixel_stats(root) -> dict:
+    """Per-channel mean and standard deviation of a folder's training pictures, in [0, 1], worked out here."""
+    pixels = np.stack([np.asarray(Image.open(p)) for p in sorted((root / 'train').rglob('*.png'))]) / 255
+    return {'mean': pixels.mean((0, 1, 2)).tolist(), 'std': pixels.std((0, 1, 2), ddof=1).tolist()}
+
+
+def predictions(work, *args, cwd) -> list:
+    """test.py's JSON predictions: [{class: probability}, ...] per image."""
+    out = json.loads(run_main('test.py', *args, '--json', '--top-k', 3, '--device', 'cpu', cwd=cwd).stdout)
+    return [{t['class']: t['probability'] for t in p['top']} for p in out['predictions']]
+
+
+def evaluation(checkpoint, data, *flags, cwd) -> dict:
+    return json.loads(run_main('test.py', '--eval', '--json', '--checkpoint', checkpoint, '--data-dir', data,
+                               '--device', 'cpu', *flags, cwd=cwd).stdout)
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_normalisation_makes_training_blind_to_a_scale_and_shift_of_the_pixels(script, train, folders):
+    """Pixel values v and v / 2 + 64 normalise to the same inputs: with --normalize the two data sets train
+    the same weights, and each checkpoint holds its own data's statistics; without it they do not."""
+    same = [train(script, name, '--normalize') for name in ('noise', 'rescaled')]
+    assert close(weights(same[0]), weights(same[1]), atol=1e-5)
+    assert not close(weights(train(script, 'noise')), weights(train(script, 'rescaled')), atol=1e-5)
+    for work, name in zip(same, ('noise', 'rescaled')):
+        expected = pixel_stats(folders[name])
+        for file in ('model_0.pth', 'best.pth', 'last.pth'):
+            saved = load_weights(work / 'model' / file)['normalize']
+            assert saved['mean'] == pytest.approx(expected['mean'], abs=1e-6)
+            assert saved['std'] == pytest.approx(expected['std'], abs=1e-6)
+
+
+def test_test_py_normalises_as_training_did(train, folders, tmp_path):
+    """The two --normalize checkpoints of the same pictures, each shown its own version of a picture, classify,
+    evaluate and explain (Grad-CAM) alike; a checkpoint used without its statistics would not."""
+    from training.checkpoint import build_model
+    from training.explain import grad_cam
+    from training.recipe import Normalize
+    runs = {name: train('train.py', name, '--normalize') / 'model' / 'best.pth' for name in ('noise', 'rescaled')}
+    picture = {name: folders[name] / 'test' / 'a' / '000.png' for name in runs}
+    seen = [predictions(runs[n], picture[n], '--checkpoint', runs[n], cwd=tmp_path)[0] for n in runs]
+    assert seen[0].keys() == seen[1].keys() and all(seen[0][k] == pytest.approx(seen[1][k], abs=1e-5) for k in seen[0])
+    reports = [evaluation(runs[n], folders[n], cwd=tmp_path) for n in runs]
+    assert reports[0]['accuracy'] == reports[1]['accuracy']
+    assert reports[0]['loss'] == pytest.approx(reports[1]['loss'], rel=1e-5)
+
+    test_py = script_module('test.py')
+    cams = []
+    for name in runs:
+        checkpoint = load_weights(runs[name])
+        model = build_model(checkpoint['model'])
+        image = test_py.PREPROCESS(test_py.load_picture(picture[name]))
+        cams.append(grad_cam(model, image, normalize=Normalize(**checkpoint['normalize']))[0])
+        unnormalised = grad_cam(model, image, normalize=None)[0]
+    assert torch.allclose(cams[0], cams[1], atol=1e-4)
+    assert not torch.allclose(cams[1], unnormalised, atol=1e-4)
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_tta_makes_the_test_scores_blind_to_mirroring(script, train):
+    """The same training, the test pictures mirrored: with --tta the test loss is the same to the last bit."""
+    def test_loss(work):
+        return dict(scalars(work / 'logs' / 'run', 'test_loss'))[0]
+    with_tta = [train(script, name, '--tta') for name in ('noise', 'mirrored test')]
+    assert identical(weights(with_tta[0]), weights(with_tta[1]))  # the same training
+    assert test_loss(with_tta[0]) == test_loss(with_tta[1])
+    assert test_loss(train(script, 'noise')) != test_loss(train(script, 'mirrored test'))
+
+
+def test_test_py_averages_with_the_mirror_image(train, folders, tmp_path):
+    """A --tta checkpoint: test.py classifies a picture and its mirror image alike, evaluates the test split and
+    its mirror image alike, and draws the same bars for both in --explain; --no-tta tells them apart."""
+    from training.explain import layout
+    checkpoint = train('train.py', 'noise', '--tta') / 'model' / 'best.pth'
+    pictures = [folders[name] / 'test' / 'a' / '000.png' for name in ('noise', 'mirrored test')]
+    for flags, alike in (((), True), (('--no-tta',), False)):
+        seen = [predictions(checkpoint, p, '--checkpoint', checkpoint, *flags, cwd=tmp_path)[0] for p in pictures]
+        assert (seen[0] == seen[1]) is alike
+        reports = [evaluation(checkpoint, folders[name], *flags, cwd=tmp_path) for name in ('noise', 'mirrored test')]
+        assert (reports[0]['loss'] == reports[1]['loss']) is alike
+        panels = []
+        for i, picture in enumerate(pictures):
+            run_main('test.py', picture, '--checkpoint', checkpoint, '--explain', tmp_path / f'x{i}', *flags,
+                     '--device', 'cpu', cwd=tmp_path)
+            panels.append(np.asarray(Image.open(tmp_path / f'x{i}' / '000.explain.png').crop(layout()['bars'])))
+        assert np.array_equal(panels[0], panels[1]) is alike
+
+
+def learnable_folders(root, rotate_test_labels: bool):
+    """Images whose class is their colour (learnt in a few steps); with ``rotate_test_labels`` the test split's
+    labels are moved on by one class, so that the better the model, the lower its test accuracy."""
+    train, train_labels = learnable_images(90, 3, seed=0)
+    test, test_labels = learnable_images(30, 3, seed=1)
+    test_labels = (np.array(test_labels) + rotate_test_labels) % 3
+    return write_folders(root, train, test, train_labels=train_labels, test_labels=test_labels)
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_best_pth_is_the_best_epoch_when_later_ones_are_worse(script, tmp_path):
+    """Two epochs on data where test accuracy rises, then (--resume) two where the test labels are moved on by
+    one class, so it falls: best.pth stays epoch 1's, and every checkpoint says which epoch it is and what it
+    scored, which test.py --eval confirms on the data that epoch was tested on."""
+    data = [learnable_folders(tmp_path / 'right', False), learnable_folders(tmp_path / 'wrong', True)]
+    device = CPU if script in ('train_gpu_2.py', 'train_ddp.py') else ()
+    flags = ('--batch-size', 10, '--lr', 0.01, '--precision', 'fp32', '--quiet', '--run-name', 'run', *device)
+    run_main(script, *flags, '--data-dir', data[0], '--epochs', 2, cwd=tmp_path)
+    run_main(script, *flags, '--data-dir', data[1], '--epochs', 4, '--resume', cwd=tmp_path)
+    accuracy = [v for _, v in scalars(tmp_path / 'logs' / 'run', 'test_accuracy')]
+    loss = [v for _, v in scalars(tmp_path / 'logs' / 'run', 'test_loss')]
+    assert len(accuracy) == 4 and accuracy[0] < accuracy[1] and max(accuracy[2:]) < accuracy[1]  # the case
+
+    folder = tmp_path / 'model'
+    best, last = load_weights(folder / 'best.pth'), load_weights(folder / 'last.pth')
+    assert identical(best['model'], weights(tmp_path, 1)) and identical(last['model'], weights(tmp_path, 3))
+    for saved, epoch in ((best, 1), (last, 3)):
+        assert (saved['epoch'], saved['step']) == (epoch, 9 * (epoch + 1))
+        assert saved['test_accuracy'] == pytest.approx(accuracy[epoch]) and saved['classes'] == CLASSES
+        assert saved['test_loss'] == pytest.approx(loss[epoch], rel=1e-6) and saved['normalize'] is None
+    assert last['best'] == {'accuracy': best['test_accuracy'], 'epoch': 1}
+    for name, epoch in (('best.pth', 1), ('last.pth', 3)):
+        report = evaluation(folder / name, data[epoch >= 2], cwd=tmp_path)
+        assert report['accuracy'] == pytest.approx(accuracy[epoch], abs=1e-6)
+        assert report['loss'] == pytest.approx(loss[epoch], rel=1e-5)
+    shown = run_main('test.py', data[0] / 'test' / 'a', '--checkpoint', folder / 'best.pth', '--device', 'cpu',
+                     cwd=tmp_path).stdout
+    assert f'epoch 2, test accuracy {accuracy[1]:.1%}' in shown  # epochs counted from 1 for the learner
