@@ -349,3 +349,81 @@ def test_best_pth_is_the_best_epoch_when_later_ones_are_worse(script, tmp_path):
     shown = run_main('test.py', data[0] / 'test' / 'a', '--checkpoint', folder / 'best.pth', '--device', 'cpu',
                      cwd=tmp_path).stdout
     assert f'epoch 2, test accuracy {accuracy[1]:.1%}' in shown  # epochs counted from 1 for the learner
+
+
+def test_the_mirror_average_of_a_mirror_symmetric_image_is_its_own_score():
+    from training.recipe import FlipAverage
+    torch.manual_seed(0)
+    model = MyModel().eval()
+    images = torch.from_numpy(mirror_symmetric(noise(2, 3))).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        assert torch.equal(FlipAverage(model)(images), model(images))
+
+
+# --explain's panels, each from what it is said to show
+
+def test_the_heat_scale_runs_blue_cyan_yellow_red_and_linearly_between():
+    from training.explain import heat_colours
+    colours = heat_colours(np.array([0, 1 / 3, 2 / 3, 1])).astype(int)
+    blue, cyan, yellow, red = colours
+    assert blue[2] > 100 and blue[:2].max() == 0 and red[0] > 200 and red[1:].max() == 0
+    assert cyan[0] == 0 and min(cyan[1:]) > 150 and yellow[2] == 0 and min(yellow[:2]) > 200
+    between = heat_colours(np.array([1 / 6, 1 / 2, 5 / 6])).astype(int)
+    assert np.abs(between - (colours[:-1] + colours[1:]) / 2).max() <= 1
+    assert np.array_equal(heat_colours(np.array([-1.0, 2.0])), colours[[0, 3]].astype(np.uint8))  # clipped
+
+
+@pytest.mark.parametrize('size', [(64, 32), (20, 80), (300, 300)])
+def test_a_picture_is_fitted_into_its_panel_centred_on_white(size):
+    from training.explain import PANEL, fit
+    panel = np.asarray(fit(Image.new('RGB', size, 'black'))).astype(int)
+    width, height = (round(side * PANEL / max(size)) for side in size)
+    left, top = (PANEL - width) // 2, (PANEL - height) // 2
+    assert panel.shape == (PANEL, PANEL, 3)
+    assert panel[top:top + height, left:left + width].max() == 0  # the picture, scaled to fit
+    outside = np.ones((PANEL, PANEL), dtype=bool)
+    outside[top:top + height, left:left + width] = False
+    assert (panel[outside] == 255).all()
+
+
+def test_the_model_view_is_each_input_pixel_as_a_square_between_white_lines():
+    from training.explain import PANEL, model_view
+    image = torch.rand(3, 32, 32)
+    view = np.asarray(model_view(image)).astype(int)
+    square = PANEL // 32
+    lines = np.zeros(PANEL, dtype=bool)
+    lines[square::square] = True
+    assert (view[lines] == 255).all() and (view[:, lines] == 255).all()
+    inside = np.array([i * square + j for i in range(32) for j in range(1, square)])  # clear of the lines
+    inside = view[inside][:, inside].reshape(32, square - 1, 32, square - 1, 3)
+    expected = (image.permute(1, 2, 0) * 255).round().numpy()
+    assert (inside == expected[:, None, :, None]).all()
+
+
+def test_the_heat_map_is_half_picture_half_colour():
+    from training.explain import PANEL, heat_colours, overlay
+    cold = np.asarray(overlay(Image.new('RGB', (40, 20), 'black'), torch.zeros(8, 8))).astype(int)
+    hot = np.asarray(overlay(Image.new('RGB', (40, 20), 'white'), torch.ones(8, 8))).astype(int)
+    assert cold.shape == hot.shape == (PANEL, PANEL, 3)
+    assert np.abs(cold - heat_colours(np.zeros(1))[0] / 2).max() <= 1
+    assert np.abs(hot - (255 + heat_colours(np.ones(1))[0].astype(int)) / 2).max() <= 1
+    left = np.asarray(overlay(Image.new('RGB', (32, 32)), torch.tensor([[1.0, 0.0]] * 2))).astype(int)
+    assert left[:, :PANEL // 4, 0].min() > left[:, -PANEL // 4:, 0].max()  # the map's left half is the hot one
+
+
+def test_the_bars_are_as_long_as_the_probabilities():
+    from training.explain import PANEL, bars
+    top = [{'class': 'cat', 'index': 3, 'probability': 0.8}, {'class': 'dog', 'index': 5, 'probability': 0.15},
+           {'class': 'frog', 'index': 6, 'probability': 0.0}]
+    panel = np.asarray(bars(top)).astype(int)
+    row = PANEL // 3
+    centres = [panel[i * row + row // 2] for i in range(3)]
+    outline = (panel[2 * row + row // 2 - 8] == 200).all(1).nonzero()[0]  # the empty bar's outline: full length
+    length = outline.max() - outline.min()  # (its drawn outline is one pixel longer than the bar)
+    orange = ((centres[0][:, 0] > 200) & (centres[0][:, 1] < 120)).sum()
+    grey = (np.abs(centres[1] - 120) == 0).all(1).sum()
+    assert orange == round(0.8 * length) and grey == round(0.15 * length)
+    assert not ((centres[2][:, 0] > 200) & (centres[2][:, 1] < 120)).any() and \
+        not (np.abs(centres[2] - 120) == 0).all(1).any()  # 0 %: an empty bar
+    assert all((c[:90] < 128).any() for c in (panel[i * row + row // 2 - 4:i * row + row // 2 + 6].min(0)
+                                              for i in range(3)))  # each bar has its class name left of it
