@@ -185,6 +185,10 @@ def test_schedules_set_each_steps_learning_rate(script, train):
         assert close(step(second, first), {k: v * factor for k, v in step(constant[1], constant[0]).items()})
         lr = [v for _, v in scalars(run / 'logs' / 'run', 'learning_rate')]
         assert lr[:2] == pytest.approx([LR, LR * factor])
+    # the whole warm-up curve: up to lr in 2 steps, then down to 0 over the other 2
+    lr = [v for _, v in scalars(train(script, 'noise', '--schedule', 'onecycle', '--warmup', 0.5, epochs=4) / 'logs' /
+                               'run', 'learning_rate')]
+    assert lr == pytest.approx([LR / 2, LR, LR, LR / 2])
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
@@ -427,3 +431,34 @@ def test_the_bars_are_as_long_as_the_probabilities():
         not (np.abs(centres[2] - 120) == 0).all(1).any()  # 0 %: an empty bar
     assert all((c[:90] < 128).any() for c in (panel[i * row + row // 2 - 4:i * row + row // 2 + 6].min(0)
                                               for i in range(3)))  # each bar has its class name left of it
+
+
+def test_the_normalisation_statistics_come_from_the_same_images_whatever_the_seed():
+    from training.recipe import STATS_SAMPLE, stats_sample
+    torch.manual_seed(1)
+    first = stats_sample(3 * STATS_SAMPLE)
+    torch.manual_seed(2)
+    assert torch.equal(stats_sample(3 * STATS_SAMPLE), first) and len(first.unique()) == STATS_SAMPLE
+    assert torch.equal(first, first.sort().values)  # in the data set's order
+    assert torch.equal(stats_sample(50), torch.arange(50))  # a small data set: all of it
+
+
+@pytest.mark.parametrize('own_folders', [False, True])
+def test_the_printed_resume_command_continues_the_run(own_folders, folders, tmp_path, interrupter):
+    """Ctrl+C after step 2 of 4: the command the run prints, pasted, ends with the uninterrupted run's weights;
+    it names --checkpoint-dir and --data-dir only when they are not the project's own model/ and dataset/."""
+    import shlex
+    import shutil
+    where = ('--checkpoint-dir', 'my runs', '--data-dir', folders['noise']) if own_folders else ()
+    if not own_folders:
+        shutil.copytree(folders['noise'], tmp_path / 'dataset')
+    flags = ('--batch-size', 4, '--lr', LR, '--precision', 'fp32', '--quiet', '--epochs', 2)
+    stopped = interrupter.run('train.py', *flags, *where, cwd=tmp_path, at=[2])
+    assert stopped.returncode == 130
+    command = shlex.split(stopped.stderr.strip().splitlines()[-1].split('continue with: ')[1])
+    assert command[:3] == ['python', 'train.py', '--resume']
+    assert command[3:] == [str(a) for a in where]
+    run_main('train.py', *command[2:], cwd=tmp_path)
+    run_main('train.py', *flags, '--data-dir', folders['noise'], '--checkpoint-dir', 'reference', cwd=tmp_path)
+    resumed = load_weights(tmp_path / ('my runs' if own_folders else 'model') / 'model_1.pth')
+    assert identical(resumed, load_weights(tmp_path / 'reference' / 'model_1.pth'))
