@@ -462,3 +462,21 @@ def test_the_printed_resume_command_continues_the_run(own_folders, folders, tmp_
     run_main('train.py', *flags, '--data-dir', folders['noise'], '--checkpoint-dir', 'reference', cwd=tmp_path)
     resumed = load_weights(tmp_path / ('my runs' if own_folders else 'model') / 'model_1.pth')
     assert identical(resumed, load_weights(tmp_path / 'reference' / 'model_1.pth'))
+
+
+def test_an_epoch_only_as_good_as_the_best_leaves_best_pth_alone(train):
+    """Black pictures: every epoch scores the same, so best.pth stays the first epoch's."""
+    work = train('train.py', 'black', epochs=3)
+    accuracy = [v for _, v in scalars(work / 'logs' / 'run', 'test_accuracy')]
+    assert len(set(accuracy)) == 1 and load_weights(work / 'model' / 'best.pth')['epoch'] == 0
+    assert not identical(weights(work, 0), weights(work, 2))  # (the weights did change)
+
+
+def test_a_mid_epoch_meter_saved_by_an_earlier_version_continues_per_image():
+    """Earlier last.pth files kept the window as a sum of per-step means over 'window_steps' steps of 16 images."""
+    from training.meters import TrainMeter
+    old = {'loss_sum': 96.0, 'correct': 20, 'seen': 48, 'batches': 3, 'window_sum': 4.0, 'window_steps': 2}
+    meter = TrainMeter('cpu', old)
+    meter.add(torch.tensor(1.0), torch.zeros(16, 3), torch.zeros(16, dtype=torch.long))
+    assert meter.window_loss(4) == pytest.approx((4.0 * 16 + 16) / (2 * 16 + 16))  # per image, old steps and new
+    assert meter.result(4).loss == pytest.approx((96 + 16) / 64) and meter.result(4).images == 64

@@ -25,8 +25,8 @@ class Progress:
     history: list = field(default_factory=list)  # one dict per epoch trained in this process
     scaler: object = None  # fp16's gradient scaler, whose scale last.pth keeps
 
-    def end_epoch(self, epoch: int, train, test) -> bool:
-        """Record a finished epoch; True when its test accuracy is the best so far."""
+    def end_epoch(self, epoch: int, train, test) -> None:
+        """Record a finished epoch, and whether its test accuracy is the best so far (a tie is not)."""
         self.epoch, self.meter = epoch + 1, None
         self.last_test = {'epoch': epoch, 'test_accuracy': test.accuracy, 'test_loss': test.loss}
         self.history.append({'epoch': epoch, 'train_loss': train.loss, 'train_accuracy': train.accuracy,
@@ -35,8 +35,6 @@ class Progress:
                              'test_seconds': test.seconds})
         if test.accuracy > self.best['accuracy']:
             self.best = {'accuracy': test.accuracy, 'epoch': epoch}
-            return True
-        return False
 
 
 def restore(resumed, model, optimizer, classes, scaler=None) -> Progress:
