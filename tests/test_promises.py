@@ -70,6 +70,11 @@ def folders(tmp_path_factory):
     }
 
 
+def device_flags(script: str) -> tuple:
+    """--device cpu for the scripts that have the flag (where a GPU would otherwise be taken)."""
+    return CPU if script in ('train_gpu_2.py', 'train_ddp.py') else ()
+
+
 class Trainer:
     """Runs a script in this process on one of the folders, each combination once; returns its checkpoint folder."""
 
@@ -81,8 +86,7 @@ class Trainer:
         if key not in self.done:
             work = self.root / f'run{len(self.done)}'
             work.mkdir()
-            device = CPU if script in ('train_gpu_2.py', 'train_ddp.py') else ()
-            run_main(script, *ONE_STEP, *device, '--data-dir', self.folders[data], '--epochs', epochs, *flags,
+            run_main(script, *ONE_STEP, *device_flags(script), '--data-dir', self.folders[data], '--epochs', epochs, *flags,
                      cwd=work)
             self.done[key] = work
         return self.done[key]
@@ -103,6 +107,11 @@ def initial_weights() -> dict:
     """The weights every run starts from: the seed's (--seed 0), as the scripts draw them."""
     torch.manual_seed(0)
     return MyModel(num_classes=len(CLASSES)).state_dict()
+
+
+def logged(work, tag: str) -> list:
+    """The values of one TensorBoard tag of the run in ``work`` (its run folder logs/run), in step order."""
+    return [value for _, value in scalars(work / 'logs' / 'run', tag)]
 
 
 def step(after: dict, before: dict) -> dict:
@@ -185,11 +194,10 @@ def test_schedules_set_each_steps_learning_rate(script, train):
         first, second = weights(run, 0), weights(run, 1)
         assert close(first, constant[0])
         assert close(step(second, first), {k: v * factor for k, v in step(constant[1], constant[0]).items()})
-        lr = [v for _, v in scalars(run / 'logs' / 'run', 'learning_rate')]
+        lr = logged(run, 'learning_rate')
         assert lr[:2] == pytest.approx([LR, LR * factor])
     # the whole warm-up curve: up to lr in 2 steps, then down to 0 over the other 2
-    lr = [v for _, v in scalars(train(script, 'noise', '--schedule', 'onecycle', '--warmup', 0.5, epochs=4) / 'logs' /
-                               'run', 'learning_rate')]
+    lr = logged(train(script, 'noise', '--schedule', 'onecycle', '--warmup', 0.5, epochs=4), 'learning_rate')
     assert lr == pytest.approx([LR / 2, LR, LR, LR / 2])
 
 
@@ -235,7 +243,7 @@ def pixel_stats(root) -> dict:
     return {'mean': pixels.mean((0, 1, 2)).tolist(), 'std': pixels.std((0, 1, 2), ddof=1).tolist()}
 
 
-def predictions(work, *args, cwd) -> list:
+def predictions(*args, cwd) -> list:
     """test.py's JSON predictions: [{class: probability}, ...] per image."""
     out = json.loads(run_main('test.py', *args, '--json', '--top-k', 3, '--device', 'cpu', cwd=cwd).stdout)
     return [{t['class']: t['probability'] for t in p['top']} for p in out['predictions']]
@@ -269,20 +277,19 @@ def test_test_py_normalises_as_training_did(train, folders, tmp_path):
     from training.recipe import Normalize
     runs = {name: train('train.py', name, '--normalize') / 'model' / 'best.pth' for name in ('noise', 'rescaled')}
     picture = {name: folders[name] / 'test' / 'a' / '000.png' for name in runs}
-    seen = [predictions(runs[n], picture[n], '--checkpoint', runs[n], cwd=tmp_path)[0] for n in runs]
+    seen = [predictions(picture[n], '--checkpoint', runs[n], cwd=tmp_path)[0] for n in runs]
     assert seen[0].keys() == seen[1].keys() and all(seen[0][k] == pytest.approx(seen[1][k], abs=1e-5) for k in seen[0])
     reports = [evaluation(runs[n], folders[n], cwd=tmp_path) for n in runs]
     assert reports[0]['accuracy'] == reports[1]['accuracy']
     assert reports[0]['loss'] == pytest.approx(reports[1]['loss'], rel=1e-5)
 
-    test_py = script_module('test.py')
     cams = []
     for name in runs:
         checkpoint = load_weights(runs[name])
         model = build_model(checkpoint['model'])
-        image = test_py.PREPROCESS(test_py.load_picture(picture[name]))
+        image = script_module('test.py').load_image(picture[name])
         cams.append(grad_cam(model, image, normalize=Normalize(**checkpoint['normalize']))[0])
-        unnormalised = grad_cam(model, image, normalize=None)[0]
+    unnormalised = grad_cam(model, image, normalize=None)[0]  # the last checkpoint, without its statistics
     assert torch.allclose(cams[0], cams[1], atol=1e-4)
     assert not torch.allclose(cams[1], unnormalised, atol=1e-4)
 
@@ -291,7 +298,7 @@ def test_test_py_normalises_as_training_did(train, folders, tmp_path):
 def test_tta_makes_the_test_scores_blind_to_mirroring(script, train):
     """The same training, the test pictures mirrored: with --tta the test loss is the same to the last bit."""
     def test_loss(work):
-        return dict(scalars(work / 'logs' / 'run', 'test_loss'))[0]
+        return logged(work, 'test_loss')[0]
     with_tta = [train(script, name, '--tta') for name in ('noise', 'mirrored test')]
     assert identical(weights(with_tta[0]), weights(with_tta[1]))  # the same training
     assert test_loss(with_tta[0]) == test_loss(with_tta[1])
@@ -305,7 +312,7 @@ def test_test_py_averages_with_the_mirror_image(train, folders, tmp_path):
     checkpoint = train('train.py', 'noise', '--tta') / 'model' / 'best.pth'
     pictures = [folders[name] / 'test' / 'a' / '000.png' for name in ('noise', 'mirrored test')]
     for flags, alike in (((), True), (('--no-tta',), False)):
-        seen = [predictions(checkpoint, p, '--checkpoint', checkpoint, *flags, cwd=tmp_path)[0] for p in pictures]
+        seen = [predictions(p, '--checkpoint', checkpoint, *flags, cwd=tmp_path)[0] for p in pictures]
         assert (seen[0] == seen[1]) is alike
         reports = [evaluation(checkpoint, folders[name], *flags, cwd=tmp_path) for name in ('noise', 'mirrored test')]
         assert (reports[0]['loss'] == reports[1]['loss']) is alike
@@ -332,12 +339,11 @@ def test_best_pth_is_the_best_epoch_when_later_ones_are_worse(script, tmp_path):
     one class, so it falls: best.pth stays epoch 1's, and every checkpoint says which epoch it is and what it
     scored, which test.py --eval confirms on the data that epoch was tested on."""
     data = [learnable_folders(tmp_path / 'right', False), learnable_folders(tmp_path / 'wrong', True)]
-    device = CPU if script in ('train_gpu_2.py', 'train_ddp.py') else ()
-    flags = ('--batch-size', 10, '--lr', 0.01, '--precision', 'fp32', '--quiet', '--run-name', 'run', *device)
+    flags = ('--batch-size', 10, '--lr', 0.01, '--precision', 'fp32', '--quiet', '--run-name', 'run',
+             *device_flags(script))
     run_main(script, *flags, '--data-dir', data[0], '--epochs', 2, cwd=tmp_path)
     run_main(script, *flags, '--data-dir', data[1], '--epochs', 4, '--resume', cwd=tmp_path)
-    accuracy = [v for _, v in scalars(tmp_path / 'logs' / 'run', 'test_accuracy')]
-    loss = [v for _, v in scalars(tmp_path / 'logs' / 'run', 'test_loss')]
+    accuracy, loss = logged(tmp_path, 'test_accuracy'), logged(tmp_path, 'test_loss')
     assert len(accuracy) == 4 and accuracy[0] < accuracy[1] and max(accuracy[2:]) < accuracy[1]  # the case
 
     folder = tmp_path / 'model'
@@ -469,7 +475,7 @@ def test_the_printed_resume_command_continues_the_run(own_folders, folders, tmp_
 def test_an_epoch_only_as_good_as_the_best_leaves_best_pth_alone(train):
     """Black pictures: every epoch scores the same, so best.pth stays the first epoch's."""
     work = train('train.py', 'black', epochs=3)
-    accuracy = [v for _, v in scalars(work / 'logs' / 'run', 'test_accuracy')]
+    accuracy = logged(work, 'test_accuracy')
     assert len(set(accuracy)) == 1 and load_weights(work / 'model' / 'best.pth')['epoch'] == 0
     assert not identical(weights(work, 0), weights(work, 2))  # (the weights did change)
 
