@@ -90,6 +90,23 @@ def project_copy(folder: Path) -> Path:
     return folder
 
 
+class NoNewPython(subprocess.Popen):
+    """subprocess.Popen while mutmut runs the suite: a test that starts another Python is skipped, since
+    mutmut cannot see which functions the new process runs (see [tool.mutmut] in pyproject.toml)."""
+
+    def __init__(self, args, *rest, **options):
+        if not isinstance(args, (str, bytes)) and args and str(args[0]) == sys.executable:
+            pytest.skip('starts a new Python process, out of the mutation run\'s sight')
+        super().__init__(args, *rest, **options)
+
+
+def pytest_sessionstart(session):
+    # MUTANT_UNDER_TEST: set by mutmut in every process it runs tests in; MUTANT_IN_SUBPROCESSES=1: run the tests
+    # that start scripts anyway, to check one mutant by hand (they inherit it: see the README's developer part)
+    if 'MUTANT_UNDER_TEST' in os.environ and not os.environ.get('MUTANT_IN_SUBPROCESSES'):
+        subprocess.Popen = NoNewPython
+
+
 def run_main(script: str, *args, cwd: Path, check: bool = True, project: Path = None):
     """``script``'s main(args) in this process, from ``cwd``, through the same error handler as the command
     line; returns a CompletedProcess (exit code, stdout, stderr), like run_script. The project's own folders
@@ -213,17 +230,26 @@ def cifar_dir(tmp_path_factory) -> Path:
     return write_cifar10(tmp_path_factory.mktemp('cifar'))
 
 
-@pytest.fixture(scope='session')
-def runs(cifar_dir, tmp_path_factory) -> dict:
-    """One real 2-epoch run of each training script on the same generated CIFAR-10 batches, same seed,
-    in a folder of its own: {script: (folder, CompletedProcess)}. Shared by the tests that only read."""
-    done = {}
-    for script in SCRIPTS:
-        work = tmp_path_factory.mktemp(script.replace('.py', ''))
+class Runs(dict):
+    """{script: (folder, CompletedProcess)}: one real 2-epoch run of a training script on the generated CIFAR-10
+    batches, same seed, in a folder of its own, made the first time a test asks for that script."""
+
+    def __init__(self, cifar_dir: Path, tmp_path_factory):
+        super().__init__()
+        self.cifar_dir, self.tmp_path_factory = cifar_dir, tmp_path_factory
+
+    def __missing__(self, script: str):
+        work = self.tmp_path_factory.mktemp(script.replace('.py', ''))
         device = CPU if script == 'train_gpu_2.py' else ()
-        done[script] = work, run_main(script, *TRAIN_FLAGS, '--data-dir', cifar_dir, *device, '--run-name', 'run',
-                                      cwd=work)
-    return done
+        self[script] = work, run_main(script, *TRAIN_FLAGS, '--data-dir', self.cifar_dir, *device,
+                                      '--run-name', 'run', cwd=work)
+        return self[script]
+
+
+@pytest.fixture(scope='session')
+def runs(cifar_dir, tmp_path_factory) -> Runs:
+    """The training scripts' runs, shared by the tests that only read them (see Runs)."""
+    return Runs(cifar_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope='session')

@@ -189,7 +189,7 @@ def test_a_progress_bar_on_a_terminal_and_none_elsewhere(cifar_dir, tmp_path, ru
     shown = shown.decode(errors='replace')
     assert 'epoch 1/1' in shown and 'img/s' in shown and '\r' in shown  # a bar that redraws itself
     assert 'epoch   1/1' in process.stdout.read().decode()  # the epoch's line still goes to stdout
-    assert all(result.stderr == '' for _, result in runs.values())  # not a terminal: no bar, no clutter
+    assert all(runs[script][1].stderr == '' for script in SCRIPTS)  # not a terminal: no bar, no clutter
 
 
 def test_a_local_cifar_archive_is_unpacked_on_first_use(tmp_path, monkeypatch):
