@@ -2,7 +2,7 @@
 python model.py, fp16 on GPUs without bf16."""
 import subprocess
 import sys
-import textwrap
+import unittest.mock
 
 import numpy as np
 import pytest
@@ -30,23 +30,25 @@ class Tudui(nn.Module):  # lesson P27/P22: the learner's own class, the attribut
 
 
 def save_like_the_lessons(folder, name: str, attribute: str = 'model', out: int = 10, on_gpu: bool = False):
-    """A throw-away module with class Tudui, and torch.save(tudui, name) from another process, as the lessons
-    do; with ``on_gpu`` its tensors are tagged cuda:0, as a model trained on a GPU is. Returns the file and
-    the weights it holds, in order."""
-    (folder / 'lesson_model.py').write_text(LESSON_MODULE.format(attribute=attribute, out=out))
-    script = textwrap.dedent(f'''
-        import unittest.mock, torch
-        from lesson_model import Tudui
+    """A throw-away module with class Tudui, and torch.save(tudui, name), as the lessons do; with ``on_gpu`` its
+    tensors are tagged cuda:0, as a model trained on a GPU is. Then the module is gone (from this process and
+    the disk), as on the learner's next machine. Returns the file and the weights it holds, in order."""
+    import importlib.util
+    source = folder / 'lesson_model.py'
+    source.write_text(LESSON_MODULE.format(attribute=attribute, out=out))
+    spec = importlib.util.spec_from_file_location('lesson_model', source)
+    sys.modules['lesson_model'] = lesson = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(lesson)
         torch.manual_seed(3)
-        tudui = Tudui()
-        with unittest.mock.patch.object(torch.serialization, 'location_tag',
-                                        (lambda storage: 'cuda:0') if {on_gpu} else torch.serialization.location_tag):
-            torch.save(tudui, {name!r})
-        torch.save(list(tudui.state_dict().values()), {name!r} + '.expected')
-    ''')
-    subprocess.run([sys.executable, '-c', script], cwd=folder, check=True)
-    (folder / 'lesson_model.py').unlink()  # the class is gone, as on the learner's next machine
-    return folder / name, torch.load(folder / f'{name}.expected', weights_only=True)
+        tudui = lesson.Tudui()
+        tag = (lambda storage: 'cuda:0') if on_gpu else torch.serialization.location_tag
+        with unittest.mock.patch.object(torch.serialization, 'location_tag', tag):
+            torch.save(tudui, folder / name)
+    finally:
+        del sys.modules['lesson_model']
+        source.unlink()
+    return folder / name, [t.detach().clone() for t in tudui.state_dict().values()]
 
 
 @pytest.mark.parametrize('attribute, on_gpu', [('model', False), ('model1', True)])
