@@ -154,3 +154,49 @@ def test_eval_on_a_data_set_with_other_classes_is_refused(trained, tmp_path):
     result = run_main('test.py', '--eval', '--data-dir', pets, '--checkpoint', work / 'model' / 'last.pth',
                       cwd=work, check=False)
     assert_clean_error(result, '--data-dir')
+
+
+def display_width(text: str) -> int:
+    """Columns a terminal gives ``text``: a Chinese character takes two."""
+    import unicodedata
+    return sum(2 if unicodedata.east_asian_width(ch) in 'WF' else 1 for ch in text)
+
+
+@pytest.mark.parametrize('as_trained', [True, False])
+def test_the_eval_text_shows_every_figure_of_the_report_in_aligned_columns(as_trained):
+    """--eval's text, read back: the same figures as its JSON, each table's columns aligned on the terminal
+    (Chinese names two columns wide), long class names cut to their column."""
+    from training.report import format_report
+    classes = ['airplane', 'cat', 'hummingbirds']  # (a custom class: no Chinese name, longer than a column)
+    report = {'checkpoint': 'model/best.pth', 'data': 'dataset/', 'images': 8, 'precision': 'bf16', 'batch_size': 4,
+              'as_trained': as_trained, 'accuracy': 0.625, 'loss': 1.23456, 'classes': classes,
+              'per_class': [{'class': 'airplane', 'chinese': '飞机', 'accuracy': 0.5, 'images': 4},
+                            {'class': 'cat', 'chinese': '猫', 'accuracy': 1.0, 'images': 3},
+                            {'class': 'hummingbirds', 'chinese': None, 'accuracy': 0.0, 'images': 1}],
+              'confusion': [[2, 1, 1], [0, 3, 0], [1, 0, 0]],
+              'mistakes': [{'index': 5, 'file': 'dataset/test/cat/5.png', 'true': 'airplane', 'predicted': 'cat',
+                            'probability': 0.875},
+                           {'index': 7, 'file': None, 'true': 'hummingbirds', 'predicted': 'airplane',
+                            'probability': 0.5}]}
+    head, per_class, confusion, mistakes = format_report(report).split('\n\n')
+    assert head.split('\n') == [
+        'checkpoint: model/best.pth; test split of dataset/',
+        'accuracy: 62.50% (5/8), mean loss 1.2346 (bf16, batches of 4'
+        + (', as its training run evaluated)' if as_trained else ')')]
+    header, *rows = per_class.split('\n')
+    assert header.split() == ['class', 'accuracy', 'images']
+    assert [row.split()[-2:] for row in rows] == [['50.0%', '4'], ['100.0%', '3'], ['0.0%', '1']]
+    assert [row.rsplit(None, 2)[0] for row in rows] == ['airplane 飞机', 'cat 猫', 'hummingbirds']
+    ends = {display_width(line) for line in per_class.split('\n')}  # every line ends at the same column ...
+    accuracy_ends = {display_width(line[:line.index(line.split()[-2]) + len(line.split()[-2])])
+                     for line in per_class.split('\n')}  # ... as does the accuracy column
+    assert len(ends) == len(accuracy_ends) == 1
+    title, names, *matrix = confusion.split('\n')
+    assert title == 'confusion matrix (rows: true class, columns: predicted)'
+    assert names == ' ' * 12 + ''.join(f'{c[:5]:>6}' for c in classes)  # under each column of counts, its class
+    assert [row[:12] for row in matrix] == ['airplane    ', 'cat         ', 'hummingbird ']
+    assert [[int(n) for n in row[12:].split()] for row in matrix] == report['confusion']
+    assert {len(row) for row in matrix} == {len(names)}
+    assert mistakes.split('\n') == ['most confident mistakes:',
+                                    '  dataset/test/cat/5.png: is airplane 飞机, predicted cat 猫 (87.5%)',
+                                    '  test image #7: is hummingbirds, predicted airplane 飞机 (50.0%)']

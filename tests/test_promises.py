@@ -372,6 +372,33 @@ def test_the_mirror_average_of_a_mirror_symmetric_image_is_its_own_score():
         assert torch.equal(FlipAverage(model)(images), model(images))
 
 
+def test_each_epoch_of_the_history_holds_that_epochs_figures(folders, tmp_path):
+    """main()'s Progress (benchmark.py reads its speeds from it): one history entry per epoch with that epoch's
+    image counts, losses and accuracies as TensorBoard logged them, and times inside the run's own."""
+    import contextlib
+    import io
+    import time
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        progress = script_module('train.py').main([str(a) for a in (
+            *ONE_STEP, '--data-dir', folders['noise'], '--epochs', 3, '--lr', 0.5,
+            '--checkpoint-dir', tmp_path / 'model', '--log-dir', tmp_path / 'logs')])
+    elapsed = time.perf_counter() - start
+    history = progress.history
+    assert [h['epoch'] for h in history] == [0, 1, 2] and progress.step == 3
+    assert all(h['train_images'] == sum(COUNTS) and h['test_images'] == 6 for h in history)
+    assert [h['test_accuracy'] for h in history] == pytest.approx(logged(tmp_path, 'test_accuracy'))
+    assert [h['test_loss'] for h in history] == pytest.approx(logged(tmp_path, 'test_loss'))
+    assert [h['train_loss'] for h in history] == pytest.approx(logged(tmp_path, 'train_loss'))  # 1 step an epoch
+    assert all(h['train_accuracy'] * sum(COUNTS) == pytest.approx(round(h['train_accuracy'] * sum(COUNTS)))
+               for h in history)  # a share of the 12 images
+    assert len({h['train_loss'] for h in history}) == 3  # each epoch its own figures
+    times = [h[f'{loop}_seconds'] for h in history for loop in ('train', 'test')]
+    assert all(t > 0 for t in times) and sum(times) < elapsed
+    accuracies = [h['test_accuracy'] for h in history]
+    assert progress.best == {'accuracy': max(accuracies), 'epoch': accuracies.index(max(accuracies))}
+
+
 # --explain's panels, each from what it is said to show
 
 def test_the_heat_scale_runs_blue_cyan_yellow_red_and_linearly_between():
@@ -439,6 +466,60 @@ def test_the_bars_are_as_long_as_the_probabilities():
         not (np.abs(centres[2] - 120) == 0).all(1).any()  # 0 %: an empty bar
     assert all((c[:90] < 128).any() for c in (panel[i * row + row // 2 - 4:i * row + row // 2 + 6].min(0)
                                               for i in range(3)))  # each bar has its class name left of it
+
+
+def test_a_single_guess_has_its_bar_in_the_middle():
+    from training.explain import PANEL, bars
+    panel = np.asarray(bars([{'class': 'cat', 'index': 3, 'probability': 1.0}])).astype(int)
+    orange = ((panel[..., 0] > 200) & (panel[..., 1] < 120)).any(1).nonzero()[0]
+    assert (orange.min() + orange.max()) / 2 == PANEL // 2  # (rows y - 8 .. y + 8 around the middle, y)
+
+
+def test_the_figure_is_its_panels_where_layout_says_each_captioned_on_white():
+    """explain_figure: each panel as its own function draws it, at its layout() box (which is its size); a dark
+    caption above each, the picture's path in grey below them, white everywhere else."""
+    from training.explain import MARGIN, PANEL, TITLE, bars, captions, explain_figure, fit, layout, model_view, overlay
+    picture, image = Image.new('RGB', (64, 48), 'black'), torch.rand(3, 32, 32)
+    cam, top = torch.rand(8, 8), [{'class': 'cat', 'index': 3, 'probability': 0.7},
+                                  {'class': 'dog', 'index': 5, 'probability': 0.2}]
+    figure = explain_figure(picture, image, cam, top, 'photos/cat.png')
+    boxes = layout()
+    assert figure.size == (boxes['bars'][2] + MARGIN, MARGIN + TITLE + PANEL + MARGIN + 24)
+    pixels = np.asarray(figure).astype(int)
+    blank = np.ones(pixels.shape[:2], dtype=bool)
+    for name, panel in {'picture': fit(picture), 'model_view': model_view(image), 'grad_cam': overlay(picture, cam),
+                        'bars': bars(top)}.items():
+        left, top_edge, right, bottom = boxes[name]
+        assert (right - left, bottom - top_edge) == panel.size
+        assert np.array_equal(pixels[top_edge:bottom, left:right], np.asarray(panel))
+        caption = pixels[MARGIN:top_edge, left:right]
+        assert caption.max(2).min() < 60  # dark text, over the panel's own column
+        blank[top_edge:bottom, left:right] = blank[MARGIN:top_edge, left:right] = False
+    footer = pixels[boxes['bars'][3]:]
+    assert footer.min() == 80 and (footer.max(2) == footer.min(2)).all()  # grey text
+    blank[boxes['bars'][3]:] = False
+    assert (pixels[blank] == 255).all() and (pixels[-1] == 255).all()  # the path is not cut off at the bottom
+    lines = captions(picture, image, top)
+    assert lines['picture'] == 'your picture (64x48)' and '32x32 pixels' in lines['model_view']
+    assert '"cat"' in lines['grad_cam'] and 'dog' not in lines['grad_cam'] and lines['bars'] == 'top 2 guesses'
+
+
+def test_explain_draws_the_heat_map_of_the_normalised_input_into_a_new_nested_folder(train, folders, tmp_path):
+    """test.py --explain with a --normalize checkpoint: its Grad-CAM panel is the map of the picture normalised
+    as in training (not of the raw pixels), in DIR/ made with the folders above it."""
+    from training.checkpoint import build_model
+    from training.explain import grad_cam, layout, overlay
+    from training.recipe import Normalize
+    best = train('train.py', 'noise', '--normalize') / 'model' / 'best.pth'
+    photo = folders['noise'] / 'test' / 'a' / '000.png'
+    run_main('test.py', photo, '--checkpoint', best, '--explain', tmp_path / 'out' / 'why', cwd=tmp_path)
+    panel = np.asarray(Image.open(tmp_path / 'out' / 'why' / '000.explain.png').crop(layout()['grad_cam'])).astype(int)
+    checkpoint = load_weights(best)
+    model, image = build_model(checkpoint['model']), script_module('test.py').load_image(photo)
+    picture = Image.open(photo).convert('RGB')
+    for normalize, drawn in ((Normalize(**checkpoint['normalize']), True), (None, False)):
+        expected = np.asarray(overlay(picture, grad_cam(model, image, normalize=normalize)[0])).astype(int)
+        assert (np.abs(panel - expected).max() <= 1) == drawn
 
 
 def test_the_normalisation_statistics_come_from_the_same_images_whatever_the_seed():

@@ -122,6 +122,14 @@ def layout() -> dict:
     return boxes
 
 
+def captions(picture: Image.Image, image: torch.Tensor, top: list) -> dict:
+    """The line of text above each panel: panel name -> text."""
+    return {'picture': f'your picture ({picture.width}x{picture.height})',
+            'model_view': f'what the model gets: {image.shape[-1]}x{image.shape[-2]} pixels',
+            'grad_cam': f'Grad-CAM: where "{class_label(top[0]["class"], top[0]["index"])}" was seen',
+            'bars': f'top {len(top)} guesses'}
+
+
 def explain_figure(picture: Image.Image, image: torch.Tensor, cam: torch.Tensor, top: list, title: str) -> Image.Image:
     """The whole figure for one image (see the module's docstring)."""
     boxes = layout()
@@ -130,14 +138,11 @@ def explain_figure(picture: Image.Image, image: torch.Tensor, cam: torch.Tensor,
     draw, text = ImageDraw.Draw(figure), font(15)
     panels = {'picture': fit(picture), 'model_view': model_view(image), 'grad_cam': overlay(picture, cam),
               'bars': bars(top)}
-    captions = {'picture': f'your picture ({picture.width}x{picture.height})',
-                'model_view': f'what the model gets: {image.shape[-1]}x{image.shape[-2]} pixels',
-                'grad_cam': f'Grad-CAM: where "{class_label(top[0]["class"], top[0]["index"])}" was seen',
-                'bars': f'top {len(top)} guesses'}
+    lines = captions(picture, image, top)
     for name, panel in panels.items():
         left, top_edge = boxes[name][:2]
         figure.paste(panel, (left, top_edge))
-        draw.text((left, MARGIN + 4), captions[name], fill='black', font=text)
+        draw.text((left, MARGIN + 4), lines[name], fill='black', font=text)
     draw.text((MARGIN, MARGIN + TITLE + PANEL + 6), drawable(title), fill=(80, 80, 80), font=text)
     return figure
 
