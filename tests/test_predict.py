@@ -148,6 +148,16 @@ def test_eval_agrees_with_training_and_explains_the_mistakes(trained, cifar_dir)
     assert 'confusion matrix' in text and 'most confident mistakes' in text and 'cat 猫' in text
 
 
+def test_eval_of_a_data_set_too_big_for_memory_streams_it_to_the_same_report(trained, cifar_dir, monkeypatch):
+    import training.batches
+    work, _ = trained
+    argv = ('--eval', '--json', '--data-dir', cifar_dir, '--checkpoint', work / 'model' / 'last.pth', *CPU)
+    in_memory = json.loads(run_main('test.py', *argv, cwd=work).stdout)
+    monkeypatch.setattr(training.batches, 'fits_in_memory', lambda data, device: False)  # as for a big one
+    streamed = json.loads(run_main('test.py', *argv, cwd=work).stdout)
+    assert streamed == in_memory
+
+
 def test_eval_on_a_data_set_with_other_classes_is_refused(trained, tmp_path):
     work, _ = trained
     pets = write_image_folders(tmp_path / 'pets', train=2, test=2)

@@ -416,6 +416,15 @@ def test_another_architecture_names_keys_and_shapes(tmp_path):
                   'missing keys: model.8.bias', 'unexpected keys: classifier.weight', 'model.7.weight [128, 1024]')
 
 
+def test_a_state_dict_without_its_last_layer_is_named_not_a_traceback(tmp_path):
+    state = MyModel().state_dict()
+    del state['model.8.weight']  # (the layer that says how many classes there are)
+    torch.save(state, tmp_path / 'cut.pth')
+    line = fails_cleanly('test.py', [ROOT / 'images' / 'dog.png', '--checkpoint', tmp_path / 'cut.pth'], tmp_path,
+                         'does not fit MyModel', 'missing keys: model.8.weight')
+    assert 'shapes differ' not in line  # its 10 biases: the 10 classes of a plain state_dict
+
+
 class Payload:
     def __reduce__(self):
         return exec, ("open('PWNED', 'w').write('the pickle ran code')",)
