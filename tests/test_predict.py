@@ -158,6 +158,22 @@ def test_eval_of_a_data_set_too_big_for_memory_streams_it_to_the_same_report(tra
     assert streamed == in_memory
 
 
+def test_eval_of_a_plain_state_dict_runs_in_fp32_batches_of_500_unless_told(trained, cifar_dir):
+    """A model_{i}.pth (the tutorial's plain state_dict) does not say how its run evaluated: fp32, batches of 500;
+    a checkpoint of the project is evaluated as its run did, unless --precision says otherwise."""
+    work, _ = trained
+    def report(name, *flags):
+        return json.loads(run_main('test.py', '--eval', '--json', '--data-dir', cifar_dir, '--checkpoint',
+                                   work / 'model' / name, *flags, *CPU, cwd=work).stdout)
+    plain, bundle, told = report('model_1.pth'), report('last.pth'), report('last.pth', '--precision', 'fp32')
+    assert (plain['precision'], plain['batch_size'], plain['as_trained']) == ('fp32', 500, False)
+    assert (bundle['precision'], bundle['batch_size'], bundle['as_trained']) == ('fp32', 16, True)
+    assert (told['batch_size'], told['as_trained']) == (16, False)
+    assert plain['accuracy'] == bundle['accuracy']  # the same weights
+    first = report('model_0.pth')  # after one epoch, often wrong: the 5 most confident mistakes listed
+    assert first['accuracy'] < 0.9 and len(first['mistakes']) == 5
+
+
 def test_eval_on_a_data_set_with_other_classes_is_refused(trained, tmp_path):
     work, _ = trained
     pets = write_image_folders(tmp_path / 'pets', train=2, test=2)
