@@ -438,11 +438,11 @@ def test_the_heat_scale_runs_blue_cyan_yellow_red_and_linearly_between():
     assert np.array_equal(heat_colours(np.array([-1.0, 2.0])), colours[[0, 3]].astype(np.uint8))  # clipped
 
 
-@pytest.mark.parametrize('size', [(64, 32), (20, 80), (300, 300)])
+@pytest.mark.parametrize('size', [(64, 32), (20, 80), (300, 300), (600, 1), (1, 600)])  # (a line: 1 pixel)
 def test_a_picture_is_fitted_into_its_panel_centred_on_white(size):
     from training.explain import PANEL, fit
     panel = np.asarray(fit(Image.new('RGB', size, 'black'))).astype(int)
-    width, height = (round(side * PANEL / max(size)) for side in size)
+    width, height = (max(1, round(side * PANEL / max(size))) for side in size)
     left, top = (PANEL - width) // 2, (PANEL - height) // 2
     assert panel.shape == (PANEL, PANEL, 3)
     assert panel[top:top + height, left:left + width].max() == 0  # the picture, scaled to fit
@@ -463,6 +463,20 @@ def test_the_model_view_is_each_input_pixel_as_a_square_between_white_lines():
     inside = view[inside][:, inside].reshape(32, square - 1, 32, square - 1, 3)
     expected = (image.permute(1, 2, 0) * 255).round().numpy()
     assert (inside == expected[:, None, :, None]).all()
+
+
+def test_grad_cam_scales_its_map_to_a_peak_of_1_and_leaves_a_map_without_evidence_at_0():
+    from training.explain import grad_cam, last_conv
+    torch.manual_seed(0)
+    model, image = MyModel(), torch.rand(3, 32, 32)
+    cam, target = grad_cam(model, image)
+    with torch.no_grad():
+        assert target == model(image[None]).argmax().item()
+    assert cam.shape == (8, 8) and cam.min() >= 0 and cam.max() == 1
+    with torch.no_grad():  # a last convolution that outputs nothing: no evidence anywhere
+        last_conv(model).weight.zero_()
+        last_conv(model).bias.zero_()
+    assert torch.equal(grad_cam(model, image)[0], torch.zeros(8, 8))
 
 
 def test_the_heat_map_is_half_picture_half_colour():
