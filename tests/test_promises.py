@@ -320,6 +320,15 @@ def test_test_py_normalises_as_training_did(train, folders, tmp_path):
     assert not torch.allclose(cams[1], unnormalised, atol=1e-4)
 
 
+def test_convert_warns_that_a_normalised_checkpoints_state_dict_loses_its_statistics(train, tmp_path):
+    for flags, warned in (((), False), (('--normalize',), True)):
+        best = train('train.py', 'noise', *flags) / 'model' / 'best.pth'
+        target = tmp_path / f'plain{len(flags)}.pth'
+        said = run_main('test.py', '--checkpoint', best, '--convert', target, cwd=tmp_path).stdout
+        assert said.startswith('converted') and target.is_file()
+        assert ('trained on normalised images' in said and f'keep using {best} with test.py' in said) == warned
+
+
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_tta_makes_the_test_scores_blind_to_mirroring(script, train):
     """The same training, the test pictures mirrored: with --tta the test loss is the same to the last bit."""
