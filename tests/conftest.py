@@ -107,6 +107,11 @@ def pytest_sessionstart(session):
         subprocess.Popen = NoNewPython
 
 
+def pytest_sessionfinish(session):
+    if subprocess.Popen is NoNewPython:  # (mutmut runs several sessions in one process)
+        subprocess.Popen = NoNewPython.__base__
+
+
 def run_main(script: str, *args, cwd: Path, check: bool = True, project: Path = None):
     """``script``'s main(args) in this process, from ``cwd``, through the same error handler as the command
     line; returns a CompletedProcess (exit code, stdout, stderr), like run_script. The project's own folders
