@@ -4,9 +4,11 @@ subprocesses (where signals, exit codes or a fresh interpreter are the point).
 
 Nothing here touches the network: every subprocess runs with a proxy that points at a closed local port.
 """
+import collections
 import contextlib
 import importlib.util
 import io
+import json
 import os
 import shutil
 import signal
@@ -105,6 +107,49 @@ def pytest_sessionstart(session):
     # that start scripts anyway, to check one mutant by hand (they inherit it: see the README's developer part)
     if 'MUTANT_UNDER_TEST' in os.environ and not os.environ.get('MUTANT_IN_SUBPROCESSES'):
         subprocess.Popen = NoNewPython
+    if 'MUTANT_UNDER_TEST' in os.environ:
+        torch.set_num_threads(1)  # mutmut tests one mutant per core: two threads each would fight over them
+
+
+# fixtures that train (or write 10,000 images) the first time a test asks for them; each test file's own are
+# session-scoped too, so that a test run in another order than the files' makes each of them once
+SHARED_RUNS = {'runs', 'trained', 'slow_data', 'reference', 'fast_run', 'fp32_run'}
+KILLERS = Path('mutmut-killers.txt')  # under mutmut: the tests that failed, by mutated function (a log of ours)
+
+
+def mutant_function(name: str) -> str:
+    return name.rsplit('__mutmut_', 1)[0]
+
+
+def mutant_under_test():
+    """The mutant mutmut runs the tests against, or None (a normal run, mutmut's stats and clean runs)."""
+    name = os.environ.get('MUTANT_UNDER_TEST')
+    return name if name and '__mutmut_' in name else None
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Under mutmut, the tests likeliest to fail first: a mutant's run stops at its first failing test (-x), and
+    only a mutant that survives pays for every test. First come the tests that failed for another mutant of the
+    same function, then the rest, quickest first, by the times mutmut measured (mutmut-stats.json, in the folder
+    it runs the tests from)."""
+    mutant, stats = mutant_under_test(), Path('mutmut-stats.json')
+    if mutant is None or not stats.is_file():
+        return
+    seconds = json.loads(stats.read_text(encoding='utf-8'))['duration_by_test']
+    failed = collections.Counter()
+    if KILLERS.is_file():
+        for line in KILLERS.read_text(encoding='utf-8').splitlines():
+            function, _, test = line.partition('\t')
+            failed[test] += function == mutant_function(mutant)
+    items.sort(key=lambda item: (-failed[item.nodeid], seconds.get(item.nodeid, 1.0)
+                                 + 2.0 * bool(SHARED_RUNS & set(item.fixturenames))))
+
+
+def pytest_runtest_logreport(report):
+    mutant = mutant_under_test()
+    if mutant is not None and report.failed:
+        with KILLERS.open('a', encoding='utf-8') as log:  # one short line: the two workers' lines never mix
+            log.write(f'{mutant_function(mutant)}\t{report.nodeid}\n')
 
 
 def pytest_sessionfinish(session):

@@ -206,7 +206,7 @@ def test_auto_precision_on_each_kind_of_gpu(monkeypatch, capability, bf16, expec
 FP16 = ('--precision', 'fp16', '--batch-size', 16, '--log-interval', 2, '--quiet', '--epochs', 2)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def small_folders(tmp_path_factory):
     return write_image_folders(tmp_path_factory.mktemp('fp16'), train=20, test=6)
 

@@ -99,7 +99,7 @@ def syncs_of_each_step(script: str, monkeypatch, sync_debug=False):
         yield steps
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def small_data(tmp_path_factory):
     return write_cifar10(tmp_path_factory.mktemp('small'), per_batch=40, test=40)  # 200 images: 13 steps
 

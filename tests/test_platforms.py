@@ -119,7 +119,7 @@ def test_the_setup_check_says_what_a_learner_would_ask_and_each_problem_with_its
 
 # ---------------------------------------------------------------- console encodings
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def checkpoint_and_pictures(tmp_path_factory):
     """A 10-class checkpoint and a folder of pictures whose names a cp1252 or GBK console cannot all show."""
     work = tmp_path_factory.mktemp('encodings')
@@ -269,7 +269,7 @@ def test_without_fcntl_and_fchmod_files_lock_and_save_as_on_windows(tmp_path):
 
 # ---------------------------------------------------------------- Ctrl+C with DataLoader workers
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def picture_folders(tmp_path_factory):
     return write_image_folders(tmp_path_factory.mktemp('pictures'), train=100, test=10)
 
@@ -529,7 +529,7 @@ def test_jfif_pictures_count_and_a_macs_hidden_files_do_not(tmp_path):
 
 # ---------------------------------------------------------------- Chinese class names
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def chinese_classes(tmp_path_factory):
     return write_image_folders(tmp_path_factory.mktemp('chinese'), classes=('猫', '狗', '马'), train=6, test=3)
 

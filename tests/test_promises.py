@@ -54,7 +54,7 @@ def write_folders(root, train: np.ndarray, test: np.ndarray, train_labels=None, 
     return root
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def folders(tmp_path_factory):
     """Data sets that differ in one respect each, made once: {name: root}."""
     root = tmp_path_factory.mktemp('promises')
@@ -92,7 +92,7 @@ class Trainer:
         return self.done[key]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def train(folders, tmp_path_factory):
     return Trainer(folders, tmp_path_factory.mktemp('runs'))
 

@@ -101,7 +101,7 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
     assert inference_net(model) is model  # the tutorial's checkpoints: nothing added
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def fast_run(cifar_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp('fast')
     return work, run_main('train_gpu_2.py', *FAST, '--data-dir', cifar_dir, *CPU, '--run-name', 'run', cwd=work)

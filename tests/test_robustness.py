@@ -38,7 +38,7 @@ def test_resumed_run_ends_bit_identical_and_logs_each_step_once(runs, cifar_dir,
 SLOW = ('--epochs', 2, '--batch-size', 16, '--lr', 0.01, '--precision', 'fp32', '--log-interval', 50)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def reference(slow_data, tmp_path_factory):
     work = tmp_path_factory.mktemp('reference')
     run_main('train.py', *SLOW, '--data-dir', slow_data, cwd=work)

@@ -125,7 +125,7 @@ def test_train_gpu_1_says_it_falls_back_to_the_cpu(runs):
 ONE_EPOCH = ('--epochs', 1, '--batch-size', 16, '--lr', 0.02, '--run-name', 'run')
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def fp32_run(cifar_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp('fp32')
     return work, run_main('train_gpu_2.py', *ONE_EPOCH, '--precision', 'fp32', '--data-dir', cifar_dir, *CPU, cwd=work)
