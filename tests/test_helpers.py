@@ -1,13 +1,15 @@
 """The helpers the training scripts call, one by one: what a failure here points at is that helper."""
 import errno
+import os
 import threading
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import CLASSES
+from conftest import CLASSES, project_at, working_directory
 from model import MyModel
 from training.checkpoint import load_checkpoint, read_training_state
 from training.device import Autocast
@@ -46,9 +48,20 @@ def test_train_meter_logs_the_mean_of_the_steps_since_the_last_log():
     assert meter.window_loss(step=3) == pytest.approx(2.0)
     meter.add(*batch(5.0, [2, 2], [2, 1]))  # one step since then, not --log-interval of them
     assert meter.window_loss(step=4) == pytest.approx(5.0)
+    assert meter.window_loss(step=4) == 0.0  # (no step since the last log)
+    meter.add(*batch(7.0, [1], [1]))  # a last batch of one image
+    assert meter.window_loss(step=5) == pytest.approx(7.0)
     result = meter.result(step=4)
-    assert (result.loss, result.accuracy, result.images) == (pytest.approx(11 / 4), 4 / 8, 8)  # 1 right a step
-    assert meter.batches == 4
+    assert (result.loss, result.accuracy, result.images) == (pytest.approx(29 / 9), 5 / 9, 9)  # 1 right a step
+    assert meter.batches == 5
+
+
+def test_the_meters_of_an_epoch_of_one_image():
+    train, test = TrainMeter(CPU), TestMeter(CPU)
+    train.add(*batch(0.5, [1], [1]))
+    test.add(torch.tensor(0.25), torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([1]))
+    assert [(r.loss, r.accuracy, r.images) for r in (train.result(step=1), test.result())] == [(0.5, 1.0, 1),
+                                                                                               (0.25, 1.0, 1)]
 
 
 def test_train_meter_continues_from_its_saved_state():
@@ -69,10 +82,63 @@ def test_train_meter_continues_from_its_saved_state():
 def test_a_loss_that_is_not_finite_stops_training(bad):
     meter = TrainMeter(CPU)
     meter.add(*batch(bad, [0], [0]))
-    with pytest.raises(Diverged, match='--lr'):
+    with pytest.raises(Diverged, match=f'the loss became {bad} at step 1 .*--lr'):
         meter.window_loss(step=1)
-    with pytest.raises(Diverged, match='at step 7'):
+    with pytest.raises(Diverged, match=f'the loss became {bad} at step 7 .*--lr'):
         meter.result(step=7)
+
+
+@pytest.fixture
+def two_processes(monkeypatch):
+    """The meters in a pretend run of two processes (train_ddp.py) whose other process saw exactly what this
+    one did: each sum over the processes doubles, each gathered tensor comes twice. ``.rank``: this one's."""
+    import training.meters as meters
+    world = Namespace(rank=0)
+    monkeypatch.setattr(meters, 'world_size', lambda: 2)
+    monkeypatch.setattr(meters, 'is_main_process', lambda: world.rank == 0)
+    monkeypatch.setattr(meters, 'sum_over_processes', lambda values: values * 2)
+    monkeypatch.setattr(meters, 'gather_from_processes', lambda tensor: torch.cat([tensor.cpu(), tensor.cpu()]))
+    return world
+
+
+def test_totals_over_processes_are_sums_and_counts_stay_whole_numbers(two_processes):
+    from training.meters import totals
+    summed = totals(torch.tensor(1.25), torch.tensor(3), 4)
+    assert summed == [2.5, 6, 8] and [type(x) for x in summed] == [float, int, int]
+    assert totals(2, 5) == [4, 10]  # no tensor to take the device from: summed on the CPU
+
+
+def test_train_meter_over_two_processes_reports_the_whole_global_batches(two_processes):
+    meter = TrainMeter(CPU)
+    meter.add(*batch(1.0, [0, 1], [0, 0]))
+    meter.add(*batch(4.0, [2, 2], [2, 1]))
+    assert meter.window_loss(step=2) == pytest.approx(2.5)  # per image, over both processes' images
+    result = meter.result(step=2)
+    assert (result.loss, result.accuracy, result.images) == (pytest.approx(2.5), 0.5, 8)
+    assert meter.state_dict() == {'loss_sum': 20.0, 'window_sum': 0.0, 'correct': 4, 'seen': 8, 'batches': 2,
+                                  'window_images': 0}
+
+
+def test_a_resumed_epoch_carries_on_its_sums_in_the_first_process_only(two_processes):
+    """last.pth holds the sums of all processes: rank 0 continues them, the others start from zero (else they
+    would be counted once per process), and every process keeps the count of batches done."""
+    saved = {'loss_sum': 12.0, 'window_sum': 3.0, 'correct': 5, 'seen': 8, 'batches': 2, 'window_images': 2}
+    assert TrainMeter(CPU, saved).state_dict() == {key: 2 * value for key, value in saved.items()
+                                                   if key != 'batches'} | {'batches': 2}
+    two_processes.rank = 1
+    assert TrainMeter(CPU, saved).state_dict() == {'loss_sum': 0.0, 'window_sum': 0.0, 'correct': 0, 'seen': 0,
+                                                   'batches': 2, 'window_images': 0}
+
+
+def test_test_meter_over_two_processes_counts_both_processes_images(two_processes):
+    outputs, targets = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]]), torch.tensor([0, 0, 0])
+    meter = TestMeter(CPU, keep_outputs=True)
+    meter.add(torch.tensor(1.5), outputs, targets)
+    result = meter.result()
+    assert (result.loss, result.accuracy, result.images) == (0.5, 2 / 3, 6)
+    assert result.confusion.tolist() == [[4, 2], [0, 0]]
+    assert torch.equal(result.probabilities, torch.cat([outputs.softmax(1)] * 2))
+    assert result.targets.tolist() == [0] * 6
 
 
 def test_test_meter_sums_loss_per_image_and_builds_the_confusion_matrix():
@@ -200,6 +266,51 @@ def test_a_checkpoint_folder_has_one_owner_at_a_time(tmp_path):
     take_lock(tmp_path / LOCK_FILE, 'pid 456').close()
 
 
+def test_taking_a_checkpoint_folder_clears_what_a_killed_run_left_and_nothing_else(tmp_path):
+    folder = tmp_path / 'model'
+    folder.mkdir()
+    left = [folder / '.model_3.pth.k2j4x.tmp', folder / '.last.pth.8f7a.tmp']  # a save cut off by kill -9
+    kept = [folder / 'model_2.pth', folder / 'notes.tmp', folder / '.model_2.pth']
+    for path in left + kept:
+        path.write_bytes(b'x')
+    with CheckpointFolder(settings('--checkpoint-dir', folder), CLASSES, None):
+        assert not any(path.exists() for path in left) and all(path.exists() for path in kept)
+        assert (folder / LOCK_FILE).read_text().startswith(f'pid {os.getpid()}, train.py, started ')
+    assert sorted(p.name for p in folder.iterdir()) == sorted([LOCK_FILE] + [p.name for p in kept])
+
+
+def test_a_checkpoint_folder_that_cannot_be_made_is_one_line_before_training(tmp_path):
+    (tmp_path / 'a file').write_text('not a folder')
+    with pytest.raises(UserError, match=r'cannot write checkpoints to .*a file.*model/ \(.*\); choose another '
+                                        r'--checkpoint-dir'):
+        CheckpointFolder(settings('--checkpoint-dir', tmp_path / 'a file' / 'model'), CLASSES, None).__enter__()
+
+
+def test_a_checkpoint_keeps_the_runs_settings_that_a_weights_only_load_can_read(tmp_path):
+    from training.folders import config_of
+    args = Namespace(lr=0.05, epochs=3, precision='fp32', flip=True, resume=None, data_dir=Path('cifar'),
+                     milestones=[10, 20])
+    torch.save(vars(args), tmp_path / 'all.pth')
+    with pytest.raises(Exception, match='weights_only'):  # a Path is not among what weights_only may load
+        torch.load(tmp_path / 'all.pth', weights_only=True)
+    torch.save(config_of(args), tmp_path / 'config.pth')
+    assert torch.load(tmp_path / 'config.pth', weights_only=True) == {'lr': 0.05, 'epochs': 3, 'precision': 'fp32',
+                                                                      'flip': True, 'resume': None}
+
+
+def test_the_resume_command_names_what_differs_from_the_projects_own_folders(tmp_path, monkeypatch):
+    import training.folders
+    with working_directory(tmp_path), project_at(tmp_path):
+        own = CheckpointFolder(settings(), CLASSES, None)
+        assert own.resume_command() == 'python train.py --resume'
+        assert own.resume_hint(12) == (f'interrupted: training state saved in {Path("model", "last.pth")} (step 12); '
+                                       'continue with: python train.py --resume')
+        elsewhere = CheckpointFolder(settings('--checkpoint-dir', 'runs', '--data-dir', 'cifar'), CLASSES, None)
+        assert elsewhere.resume_command() == 'python train.py --resume --checkpoint-dir runs --data-dir cifar'
+        monkeypatch.setattr(training.folders, 'world_size', lambda: 2)  # as in train_ddp.py under torchrun
+        assert own.resume_command() == 'torchrun --standalone --nproc-per-node=2 train.py --resume'
+
+
 def test_tensorboard_write_errors_become_one_clear_line(tmp_path, monkeypatch):
     args = settings('--log-dir', tmp_path / 'logs', '--run-name', 'r')
     with RunLog(args, Progress(), CLASSES) as writer:
@@ -269,6 +380,68 @@ def test_resume_on_a_machine_with_fewer_gpus(tmp_path, monkeypatch):
     restore(resumed, model, sgd(model),
             CLASSES)
     assert restored == [0]
+
+
+@pytest.mark.parametrize('run_dir', ['logs/run', None])  # None: saved before its TensorBoard folder was made
+def test_resume_continues_from_where_last_pth_says(tmp_path, run_dir):
+    """Every figure of the run's progress that last.pth saves comes back as it was saved."""
+    model = MyModel()
+    saved = Progress(step=7, epoch=3, best={'accuracy': 0.5, 'epoch': 1},
+                     last_test={'epoch': 2, 'test_accuracy': 0.25, 'test_loss': 1.5},
+                     run_dir=run_dir and str(tmp_path / run_dir))
+    with CheckpointFolder(settings('--checkpoint-dir', tmp_path / 'model'), CLASSES, None) as folder:
+        folder.save_last(model, sgd(model), saved)
+    resumed = read_training_state(str(tmp_path / 'model' / 'last.pth'), tmp_path)
+    progress = restore(resumed, model, sgd(model), CLASSES)
+    assert (progress.step, progress.epoch, progress.best, progress.last_test) == \
+        (7, 3, {'accuracy': 0.5, 'epoch': 1}, {'epoch': 2, 'test_accuracy': 0.25, 'test_loss': 1.5})
+    assert progress.run_dir == (run_dir and str(tmp_path / run_dir))
+    assert progress.resumed_from == str(tmp_path / 'model' / 'last.pth')
+
+
+def test_a_saved_loss_scale_is_ignored_by_a_resume_without_a_scaler(tmp_path):
+    resumed = last_pth(tmp_path)
+    resumed['scaler'] = {'scale': 1024.0, 'growth_factor': 2.0, 'backoff_factor': 0.5, 'growth_interval': 2000,
+                         '_growth_tracker': 0}  # as an fp16 run saves it
+    model = MyModel()
+    assert restore(resumed, model, sgd(model), CLASSES).scaler is None
+
+
+def test_last_pth_keeps_each_gpus_random_state_and_resume_puts_each_back(tmp_path, monkeypatch):
+    """On a machine with two GPUs, last.pth holds both CUDA generator states, and --resume restores each
+    into its own GPU, so that a resumed run draws the same random numbers there as an uninterrupted one."""
+    states = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'get_rng_state_all', lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device: restored.update({device: state}))
+    resumed = last_pth(tmp_path)
+    assert [s.tolist() for s in resumed['rng']['cuda']] == [s.tolist() for s in states]
+    model = MyModel()
+    restore(resumed, model, sgd(model), CLASSES)
+    assert {i: s.tolist() for i, s in restored.items()} == {0: states[0].tolist(), 1: states[1].tolist()}
+
+
+def test_resume_keeps_this_machines_way_of_stepping(tmp_path):
+    """A last.pth from a GPU run whose SGD was fused (and ran for each parameter list at once) continues on a
+    CPU with the CPU's own kind of steps: how the optimizer steps is not part of the state it resumes."""
+    resumed = last_pth(tmp_path)
+    for group in resumed['optimizer']['param_groups']:
+        group.update(fused=True, foreach=True)  # as saved on the GPU
+    model = MyModel()
+    optimizer = sgd(model)
+    here = [(g['fused'], g['foreach']) for g in optimizer.param_groups]
+    restore(resumed, model, optimizer, CLASSES)
+    assert [(g['fused'], g['foreach']) for g in optimizer.param_groups] == here != [(True, True)] * len(here)
+
+
+def test_resume_from_the_last_pth_of_another_network_is_one_line_naming_the_keys(tmp_path):
+    resumed = last_pth(tmp_path)
+    resumed['model']['model.8.weight'] = torch.zeros(10, 32)  # (another Linear at the end)
+    model = MyModel()
+    with pytest.raises(UserError, match=r'does not fit this model \(shapes differ.*model\.8\.weight \[10, 32\]'):
+        restore(resumed, model, sgd(model), CLASSES)
 
 
 def test_one_at_a_time_makes_the_second_process_wait_until_the_first_is_done(tmp_path):
