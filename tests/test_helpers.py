@@ -64,6 +64,19 @@ def test_the_meters_of_an_epoch_of_one_image():
                                                                                                (0.25, 1.0, 1)]
 
 
+def test_the_sums_stay_on_the_device_the_steps_ran_on():
+    """No sum is copied to the CPU while an epoch runs (each copy would make the CPU wait for the GPU). PyTorch's
+    'meta' device stands in for a GPU: its tensors have a device but no values."""
+    meta = torch.device('meta')
+    train, test = TrainMeter(meta, {'loss_sum': 2.0, 'window_sum': 1.0, 'correct': 1, 'seen': 2, 'batches': 1}), \
+        TestMeter(meta)
+    outputs, targets = torch.zeros(2, 3, device=meta), torch.zeros(2, dtype=torch.long, device=meta)
+    train.add(torch.tensor(1.0, device=meta), outputs, targets)
+    test.add(torch.tensor(1.0, device=meta), outputs, targets)
+    sums = [train.loss_sum, train.window_sum, train.correct, test.loss_sum, test.correct, test.confusion]
+    assert [t.device for t in sums] == [meta] * 6
+
+
 def test_train_meter_continues_from_its_saved_state():
     whole, first = TrainMeter(CPU), TrainMeter(CPU)
     steps = [batch(float(k), [k % 3, 0], [0, 1]) for k in range(5)]
@@ -128,6 +141,7 @@ def test_a_resumed_epoch_carries_on_its_sums_in_the_first_process_only(two_proce
     two_processes.rank = 1
     assert TrainMeter(CPU, saved).state_dict() == {'loss_sum': 0.0, 'window_sum': 0.0, 'correct': 0, 'seen': 0,
                                                    'batches': 2, 'window_images': 0}
+    assert TrainMeter(CPU).state_dict()['batches'] == 0  # a new epoch
 
 
 def test_test_meter_over_two_processes_counts_both_processes_images(two_processes):
@@ -258,6 +272,13 @@ def test_a_run_folder_is_always_new(tmp_path):
         new_run_dir(tmp_path / 'file', None, 'train.py')
 
 
+def test_a_run_without_a_name_is_named_by_its_start_and_script_in_a_log_folder_made_for_it(tmp_path):
+    import re
+    made = new_run_dir(tmp_path / 'new' / 'logs', None, 'train_gpu_2.py')
+    assert made.is_dir() and made.parent == tmp_path / 'new' / 'logs'
+    assert re.fullmatch(r'20\d{6}-\d{6}-train_gpu_2', made.name), made.name
+
+
 def test_a_checkpoint_folder_has_one_owner_at_a_time(tmp_path):
     first = take_lock(tmp_path / LOCK_FILE, 'pid 123, train.py, started today')
     with pytest.raises(UserError, match=r'in use by another training run \(pid 123, train.py.*--checkpoint-dir'):
@@ -277,6 +298,14 @@ def test_taking_a_checkpoint_folder_clears_what_a_killed_run_left_and_nothing_el
         assert not any(path.exists() for path in left) and all(path.exists() for path in kept)
         assert (folder / LOCK_FILE).read_text().startswith(f'pid {os.getpid()}, train.py, started ')
     assert sorted(p.name for p in folder.iterdir()) == sorted([LOCK_FILE] + [p.name for p in kept])
+
+
+def test_a_new_checkpoint_folder_is_made_with_its_parents_and_holds_only_the_lock(tmp_path):
+    folder = tmp_path / 'runs' / 'a' / 'model'
+    with CheckpointFolder(settings('--checkpoint-dir', folder), CLASSES, None):
+        assert [p.name for p in folder.iterdir()] == [LOCK_FILE]  # (the check that it can be written is gone)
+    with CheckpointFolder(settings('--checkpoint-dir', folder), CLASSES, None):  # and once more, as it now is
+        assert [p.name for p in folder.iterdir()] == [LOCK_FILE]
 
 
 def test_a_checkpoint_folder_that_cannot_be_made_is_one_line_before_training(tmp_path):
@@ -309,6 +338,25 @@ def test_the_resume_command_names_what_differs_from_the_projects_own_folders(tmp
         assert elsewhere.resume_command() == 'python train.py --resume --checkpoint-dir runs --data-dir cifar'
         monkeypatch.setattr(training.folders, 'world_size', lambda: 2)  # as in train_ddp.py under torchrun
         assert own.resume_command() == 'torchrun --standalone --nproc-per-node=2 train.py --resume'
+
+
+@pytest.mark.parametrize('failure, message', [
+    (OSError(errno.ENOSPC, 'No space left on device'),
+     r'cannot write .*best.pth \(No space left on device\); free some space or choose another --checkpoint-dir'),
+    (OSError('the disk went away'), r'cannot write .*best.pth \(the disk went away\)'),
+    (None, r'cannot replace .*best.pth: another program is using it .* for 5s; close that program, then resume'),
+])
+def test_a_checkpoint_that_cannot_be_written_is_one_line_saying_what_to_do(tmp_path, monkeypatch, failure,
+                                                                          message):
+    import training.checkpoint
+    from training.checkpoint import save_checkpoint
+    from training.platforms import FileInUse
+
+    def atomic_save(obj, path):
+        raise failure or FileInUse(errno.EACCES, 'Access is denied')
+    monkeypatch.setattr(training.checkpoint, 'atomic_save', atomic_save)
+    with pytest.raises(UserError, match=message):
+        save_checkpoint({}, tmp_path / 'best.pth', 'resume')
 
 
 def test_tensorboard_write_errors_become_one_clear_line(tmp_path, monkeypatch):

@@ -610,11 +610,15 @@ def test_an_epoch_only_as_good_as_the_best_leaves_best_pth_alone(train):
     assert not identical(weights(work, 0), weights(work, 2))  # (the weights did change)
 
 
-def test_a_mid_epoch_meter_saved_by_an_earlier_version_continues_per_image():
+@pytest.mark.parametrize('steps', [3, 1])
+def test_a_mid_epoch_meter_saved_by_an_earlier_version_continues_per_image(steps):
     """Earlier last.pth files kept the window as a sum of per-step means over 'window_steps' steps of 16 images."""
     from training.meters import TrainMeter
-    old = {'loss_sum': 96.0, 'correct': 20, 'seen': 48, 'batches': 3, 'window_sum': 4.0, 'window_steps': 2}
+    old = {'loss_sum': 32.0 * steps, 'correct': 5, 'seen': 16 * steps, 'batches': steps, 'window_sum': 4.0,
+           'window_steps': min(steps, 2)}
     meter = TrainMeter('cpu', old)
     meter.add(torch.tensor(1.0), torch.zeros(16, 3), torch.zeros(16, dtype=torch.long))
-    assert meter.window_loss(4) == pytest.approx((4.0 * 16 + 16) / (2 * 16 + 16))  # per image, old steps and new
-    assert meter.result(4).loss == pytest.approx((96 + 16) / 64) and meter.result(4).images == 64
+    window = min(steps, 2) * 16  # images
+    assert meter.window_loss(4) == pytest.approx((4.0 * 16 + 16) / (window + 16))  # per image, old steps and new
+    result = meter.result(4)
+    assert result.loss == pytest.approx((32 * steps + 16) / (16 * steps + 16)) and result.images == 16 * steps + 16
