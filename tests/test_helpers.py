@@ -60,8 +60,9 @@ def test_the_meters_of_an_epoch_of_one_image():
     train, test = TrainMeter(CPU), TestMeter(CPU)
     train.add(*batch(0.5, [1], [1]))
     test.add(torch.tensor(0.25), torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([1]))
-    assert [(r.loss, r.accuracy, r.images) for r in (train.result(step=1), test.result())] == [(0.5, 1.0, 1),
-                                                                                               (0.25, 1.0, 1)]
+    results = train.result(step=1), test.result()
+    assert [(r.loss, r.accuracy, r.images) for r in results] == [(0.5, 1.0, 1), (0.25, 1.0, 1)]
+    assert results[1].probabilities is None  # kept only when asked for (the PR curves): not the whole test set
 
 
 def test_the_sums_stay_on_the_device_the_steps_ran_on():
@@ -119,6 +120,17 @@ def test_totals_over_processes_are_sums_and_counts_stay_whole_numbers(two_proces
     summed = totals(torch.tensor(1.25), torch.tensor(3), 4)
     assert summed == [2.5, 6, 8] and [type(x) for x in summed] == [float, int, int]
     assert totals(2, 5) == [4, 10]  # no tensor to take the device from: summed on the CPU
+
+
+def test_totals_go_to_the_other_processes_from_the_device_of_the_sums(two_processes, monkeypatch):
+    """NCCL adds up GPU tensors only: the counts kept as Python numbers join the sums on their device ('meta'
+    stands in for a GPU)."""
+    import training.meters as meters
+    devices = []
+    monkeypatch.setattr(meters, 'sum_over_processes', lambda values: devices.append(values.device) or
+                        torch.zeros(values.shape, dtype=values.dtype))
+    meters.totals(torch.tensor(1.0, device='meta'), 4)
+    assert devices == [torch.device('meta')]
 
 
 def test_train_meter_over_two_processes_reports_the_whole_global_batches(two_processes):
