@@ -47,7 +47,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
     elif image.mode == 'F':
         image = Image.fromarray((np.asarray(image) * 255).clip(0, 255).round().astype(np.uint8))
-    if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
+    if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:  # (a palette, grey or RGB PNG's tRNS)
         rgba = image.convert('RGBA')
         white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert('RGB')

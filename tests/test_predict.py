@@ -42,6 +42,40 @@ def test_every_sample_picture_and_a_folder(trained):
     assert sorted(p.rsplit('/', 1)[1] for p in predictions(result.stdout)) == names
 
 
+def test_two_folders_give_the_pictures_of_both_with_the_chinese_names(trained, tmp_path):
+    work, _ = trained
+    for folder, picture in (('a', 'cat.jpg'), ('b', 'dog.png')):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / picture).write_bytes((ROOT / 'images' / picture).read_bytes())
+    result = run_main('test.py', 'a', 'b', '--checkpoint', work / 'model' / 'best.pth', cwd=tmp_path)
+    found = predictions(result.stdout)
+    assert sorted(found) == ['a/cat.jpg', 'b/dog.png']
+    chinese = script_module('test.py').CHINESE_NAMES
+    for match in found.values():  # the best guess, then each of the top 3, with its Chinese name
+        assert f"{match['name']} {chinese[match['name']]} (" in match.string
+        assert all(f'{name} {chinese[name]} ' in match['top'] for name in re.findall(r'([a-z]+) \S+ [\d.]+%',
+                                                                                     match['top']))
+
+
+def test_help_shows_the_examples_as_written(tmp_path):
+    result = run_main('test.py', '--help', cwd=tmp_path)
+    doc = script_module('test.py').__doc__
+    example = next(line for line in doc.splitlines() if '--top-k 5' in line)
+    assert result.stdout.startswith('usage: ') and f'\n{example}\n' in result.stdout  # on its own line, as written
+
+
+@pytest.mark.parametrize('flag, values', [('--device', ['auto', 'cpu', 'cuda', 'mps']),
+                                          ('--precision', ['auto', 'fp32', 'bf16', 'fp16'])])
+def test_each_documented_choice_is_accepted_and_no_other(flag, values, tmp_path):
+    torch.save(MyModel().state_dict(), tmp_path / 'plain.pth')
+    for value in values:  # (a device this machine lacks is refused later, in a line of its own)
+        result = run_main('test.py', ROOT / 'images' / 'cat.jpg', '--checkpoint', 'plain.pth', flag, value,
+                          cwd=tmp_path, check=False)
+        assert 'invalid choice' not in result.stderr, (value, result.stderr)
+    assert_clean_error(run_main('test.py', '--checkpoint', 'plain.pth', flag, 'tpu', cwd=tmp_path, check=False),
+                       f"{flag}: invalid choice: 'tpu'")
+
+
 def test_plain_tutorial_state_dict_loads_with_cifar_names(tmp_path):
     torch.manual_seed(0)
     torch.save(MyModel().state_dict(), tmp_path / 'model_29.pth')
@@ -92,6 +126,35 @@ def test_unusual_image_modes_become_the_rgb_they_show(name, make, rgb, tmp_path)
     assert torch.allclose(image, expected, atol=1 / 255 + 1e-6), image[:, 0, 0] * 255
 
 
+def test_each_image_mode_becomes_the_8_bit_rgb_it_shows(tmp_path):
+    """to_rgb pixel by pixel: 16- and 32-bit grey scaled to 0..255 (rounded, never wrapped round), float images
+    in [0, 1] scaled and clipped, every kind of transparency shown over white."""
+    to_rgb = script_module('test.py').to_rgb
+
+    def pixels(image):
+        return [tuple(p) for p in np.asarray(to_rgb(image)).reshape(-1, 3).tolist()]
+
+    def grey(*values):
+        return [(v, v, v) for v in values]
+
+    assert pixels(Image.fromarray(np.array([[0, 33025, 51400, 65535]], np.uint16))) == grey(0, 129, 200, 255)
+    assert pixels(Image.fromarray(np.array([[-5, 51400, 100_000]], np.int32))) == grey(0, 200, 255)  # mode I
+    assert pixels(Image.fromarray(np.array([[-0.5, 0.0, 0.5, 0.8, 2.0]], np.float32))) == grey(0, 0, 128, 204, 255)
+    rgba = Image.new('RGBA', (3, 1), (255, 0, 0, 0))  # transparent red, then black, then half-covering blue
+    rgba.putpixel((1, 0), (0, 0, 0, 255))
+    rgba.putpixel((2, 0), (0, 0, 255, 128))
+    assert pixels(rgba) == [(255, 255, 255), (0, 0, 0), (127, 127, 255)]
+    assert pixels(rgba.convert('PA')) == [(255, 255, 255), (0, 0, 0), (127, 127, 255)]  # (web palette colours)
+    for mode in ('P', 'L', 'RGB'):  # PNGs with a transparent colour (tRNS): black here
+        image = Image.new('RGB', (2, 1), (0, 0, 0))
+        image.putpixel((1, 0), (0, 200, 0))
+        image = image.convert(mode)
+        image.save(tmp_path / f'{mode}.png', transparency=image.getpixel((0, 0)))
+        with Image.open(tmp_path / f'{mode}.png') as saved:
+            assert 'transparency' in saved.info
+            assert pixels(saved)[0] == (255, 255, 255) and pixels(saved)[1] != (255, 255, 255), mode
+
+
 def test_custom_classes_are_named_from_the_checkpoint(tmp_path):
     data = write_image_folders(tmp_path / 'pets', train=16, test=6)
     run_main('train.py', '--epochs', 1, '--batch-size', 8, '--data-dir', data, cwd=tmp_path)
@@ -125,6 +188,8 @@ def test_json_output_for_images(trained):
     for prediction in report['predictions']:
         probabilities = [t['probability'] for t in prediction['top']]
         assert len(probabilities) == 4 and probabilities == sorted(probabilities, reverse=True)
+        chinese = script_module('test.py').CHINESE_NAMES
+        assert [t['chinese'] for t in prediction['top']] == [chinese[t['class']] for t in prediction['top']]
         assert 0 < sum(probabilities) <= 1 + 1e-6
 
 

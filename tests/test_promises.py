@@ -325,8 +325,11 @@ def test_convert_warns_that_a_normalised_checkpoints_state_dict_loses_its_statis
         best = train('train.py', 'noise', *flags) / 'model' / 'best.pth'
         target = tmp_path / f'plain{len(flags)}.pth'
         said = run_main('test.py', '--checkpoint', best, '--convert', target, cwd=tmp_path).stdout
-        assert said.startswith('converted') and target.is_file()
+        assert said.startswith(f'converted {best} -> {target}: a plain state_dict') and target.is_file()
         assert ('trained on normalised images' in said and f'keep using {best} with test.py' in said) == warned
+        assert said.endswith(f"(torch.load('{target}', weights_only=True) reads it)\n") != warned
+        plain = torch.load(target, weights_only=True)
+        assert identical(plain, load_weights(best)['model'])  # the weights themselves, in MyModel's keys
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
