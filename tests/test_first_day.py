@@ -70,6 +70,10 @@ def test_a_whole_model_saved_by_the_lessons_classifies_in_a_fresh_process(tmp_pa
 
 def test_convert_writes_a_plain_state_dict_and_never_overwrites(tmp_path):
     path, expected = save_like_the_lessons(tmp_path, 'tudui_29.pth', on_gpu=True)
+    said = run_main('test.py', ROOT / 'images' / 'cat.jpg', '--checkpoint', path.name, '--device', 'cpu',
+                    cwd=tmp_path).stdout
+    assert said.startswith('checkpoint: tudui_29.pth (a whole Tudui model as the lessons save it, its weights read '
+                           'without running its code; 10 classes); device: cpu\n')
     result = run_main('test.py', '--checkpoint', path, '--convert', 'plain.pth', cwd=tmp_path)
     assert 'converted' in result.stdout
     plain = torch.load(tmp_path / 'plain.pth', weights_only=True)  # what the lessons' own code can load now

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CPU, ROOT, assert_clean_error, load_weights, run_main, script_module, write_image_folders
+from conftest import (CPU, ROOT, assert_clean_error, fails_cleanly, load_weights, run_main, script_module,
+                      write_image_folders)
 from model import MyModel
 
 LINE = re.compile(r'^(?P<path>\S+): (?P<name>\w+)(?: \S+)? \((?P<p>[\d.]+)%\)   top 3: (?P<top>.+)$')
@@ -20,7 +21,8 @@ def predictions(stdout):
 def test_no_arguments_classifies_the_dog_with_the_newest_checkpoint(trained):
     work, _ = trained
     (work / 'images').mkdir(exist_ok=True)
-    (work / 'images' / 'dog.png').write_bytes((ROOT / 'images' / 'dog.png').read_bytes())
+    for picture in ('dog.png', 'cat.jpg'):  # the dog alone is the default, not the whole folder
+        (work / 'images' / picture).write_bytes((ROOT / 'images' / picture).read_bytes())
     result = run_main('test.py', *CPU, cwd=work)  # (on a GPU machine: the CPU, as the expectation below)
     assert result.stdout.startswith(f'checkpoint: {"model/last.pth"} (10 classes, epoch 2')
     found = predictions(result.stdout)
@@ -62,6 +64,27 @@ def test_help_shows_the_examples_as_written(tmp_path):
     doc = script_module('test.py').__doc__
     example = next(line for line in doc.splitlines() if '--top-k 5' in line)
     assert result.stdout.startswith('usage: ') and f'\n{example}\n' in result.stdout  # on its own line, as written
+    assert '[--explain DIR]' in result.stdout and '[--convert OUT]' in result.stdout
+
+
+@pytest.mark.parametrize('extra', [['--eval'], ['--explain', 'out'], [ROOT / 'images' / 'cat.jpg']])
+def test_convert_takes_nothing_but_the_checkpoint(extra, tmp_path):
+    torch.save(MyModel().state_dict(), tmp_path / 'plain.pth')
+    fails_cleanly('test.py', ['--checkpoint', 'plain.pth', '--convert', 'out.pth', *extra], tmp_path,
+                  '--convert only converts the --checkpoint')
+    assert not (tmp_path / 'out.pth').exists()
+
+
+def test_a_checkpoint_saved_on_a_gpu_classifies_and_converts_on_a_machine_without_one(tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:  # what torch.save records for tensors that live on a GPU
+        patch.setattr(torch.serialization, 'location_tag', lambda storage: 'cuda:0')
+        torch.save(MyModel().state_dict(), tmp_path / 'gpu.pth')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # (also on a machine that has one)
+    result = run_main('test.py', ROOT / 'images' / 'cat.jpg', '--checkpoint', 'gpu.pth', '--device', 'cpu',
+                      cwd=tmp_path)
+    assert len(predictions(result.stdout)) == 1
+    run_main('test.py', '--checkpoint', 'gpu.pth', '--convert', 'plain.pth', cwd=tmp_path)
+    assert list(torch.load(tmp_path / 'plain.pth', weights_only=True)) == list(MyModel().state_dict())
 
 
 @pytest.mark.parametrize('flag, values', [('--device', ['auto', 'cpu', 'cuda', 'mps']),
@@ -74,6 +97,30 @@ def test_each_documented_choice_is_accepted_and_no_other(flag, values, tmp_path)
         assert 'invalid choice' not in result.stderr, (value, result.stderr)
     assert_clean_error(run_main('test.py', '--checkpoint', 'plain.pth', flag, 'tpu', cwd=tmp_path, check=False),
                        f"{flag}: invalid choice: 'tpu'")
+
+
+def test_the_first_line_says_what_the_checkpoint_is_and_how_its_images_are_prepared(tmp_path):
+    from training.checkpoint import model_bundle
+    from training.data import CIFAR10_CLASSES
+    torch.save(MyModel().state_dict(), tmp_path / 'plain.pth')
+    torch.save(model_bundle(MyModel().state_dict(), CIFAR10_CLASSES, normalize={'mean': [0.5] * 3, 'std': [0.25] * 3},
+                            config={'tta': True}, epoch=4, test_accuracy=0.625), tmp_path / 'fast.pth')
+    for name, expected in (('plain.pth', 'checkpoint: plain.pth (10 classes); device: cpu\n'),
+                           ('fast.pth', 'checkpoint: fast.pth (10 classes, epoch 5, test accuracy 62.5%); device: '
+                                        'cpu; normalised as in training; with its mirror image (TTA)\n')):
+        result = run_main('test.py', ROOT / 'images' / 'cat.jpg', '--checkpoint', name, '--device', 'cpu',
+                          cwd=tmp_path)
+        assert result.stdout.startswith(expected), result.stdout
+
+
+def test_a_photo_whose_exif_data_is_damaged_is_still_classified(tmp_path):
+    """Pillow warns about such EXIF data (and skips it); only an oversized picture's warning stops test.py."""
+    torch.save(MyModel().state_dict(), tmp_path / 'plain.pth')
+    damaged = b'Exif\x00\x00II*\x00\x08\x00\x00\x00\x05\x00\x0e\x01\x02\x00\xff\xff\x00\x00\x50\x00\x00\x00'
+    with pytest.warns(UserWarning, match='EXIF'):
+        Image.new('RGB', (40, 30), (200, 30, 30)).save(tmp_path / 'photo.jpg', exif=damaged)
+        result = run_main('test.py', 'photo.jpg', '--checkpoint', 'plain.pth', cwd=tmp_path)
+    assert list(predictions(result.stdout)) == ['photo.jpg']
 
 
 def test_plain_tutorial_state_dict_loads_with_cifar_names(tmp_path):
@@ -199,7 +246,7 @@ def test_eval_agrees_with_training_and_explains_the_mistakes(trained, cifar_dir)
     result = run_main('test.py', '--eval', '--json', '--data-dir', cifar_dir, '--checkpoint',
                       work / 'model' / 'last.pth', *CPU, cwd=work)  # where training evaluated
     report = json.loads(result.stdout)
-    assert report['images'] == 200
+    assert report['checkpoint'] == str(work / 'model' / 'last.pth') and report['images'] == 200
     assert report['accuracy'] == pytest.approx(checkpoint['test_accuracy'])  # same number training logged
     confusion = torch.tensor(report['confusion'])
     assert confusion.sum() == 200 and confusion.trace() == round(report['accuracy'] * 200)
