@@ -113,6 +113,7 @@ def test_the_first_line_says_what_the_checkpoint_is_and_how_its_images_are_prepa
         assert result.stdout.startswith(expected), result.stdout
 
 
+@pytest.mark.filterwarnings('ignore:Tag data larger than file')
 def test_a_photo_whose_exif_data_is_damaged_is_still_classified(tmp_path):
     """Pillow warns about such EXIF data (and skips it); only an oversized picture's warning stops test.py."""
     torch.save(MyModel().state_dict(), tmp_path / 'plain.pth')
