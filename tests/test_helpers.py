@@ -496,6 +496,28 @@ def test_resume_keeps_this_machines_way_of_stepping(tmp_path):
     assert [(g['fused'], g['foreach']) for g in optimizer.param_groups] == here != [(True, True)] * len(here)
 
 
+def test_a_mismatch_names_at_most_four_keys_of_each_kind():
+    from training.checkpoint import mismatch
+    weights = MyModel().state_dict()
+    del weights['model.8.bias']
+    weights['model.0.weight'] = torch.zeros(16, 3, 5, 5)
+    for k in range(4):
+        weights[f'extra.{k}'] = torch.zeros(1)
+    assert mismatch(MyModel(), weights) == ('missing keys: model.8.bias; unexpected keys: extra.0, extra.1, extra.2, '
+                                            'extra.3; shapes differ (checkpoint vs model): model.0.weight '
+                                            '[16, 3, 5, 5] vs [32, 3, 5, 5]')
+    weights['extra.4'] = torch.zeros(1)
+    assert 'unexpected keys: extra.0, extra.1, extra.2, extra.3 ...; shapes' in mismatch(MyModel(), weights)
+    assert mismatch(MyModel(), MyModel().state_dict()) is None
+
+
+def test_classes_without_names_are_numbered():
+    from training.checkpoint import class_names
+    assert class_names({'classes': None}, 3) == ['class 0', 'class 1', 'class 2']
+    assert class_names({'classes': None}, 10)[:2] == ['airplane', 'automobile']  # a plain 10-class one: CIFAR-10
+    assert class_names({'classes': ('cat', 'dog')}, 2) == ['cat', 'dog']
+
+
 def test_resume_from_the_last_pth_of_another_network_is_one_line_naming_the_keys(tmp_path):
     resumed = last_pth(tmp_path)
     resumed['model']['model.8.weight'] = torch.zeros(10, 32)  # (another Linear at the end)
