@@ -155,6 +155,11 @@ def pytest_runtest_logreport(report):
 def pytest_sessionfinish(session):
     if subprocess.Popen is NoNewPython:  # (mutmut runs several sessions in one process)
         subprocess.Popen = NoNewPython.__base__
+    # under mutmut, each of thousands of sessions leaves a folder of generated data sets and runs, and pytest's own
+    # clean-up of old ones does not keep up with mutmut's workers: 70 GB after about 3,000 mutants
+    basetemp = session.config._tmp_path_factory._basetemp
+    if mutant_under_test() and basetemp is not None:
+        shutil.rmtree(basetemp, ignore_errors=True)
 
 
 def run_main(script: str, *args, cwd: Path, check: bool = True, project: Path = None):
