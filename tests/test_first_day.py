@@ -104,14 +104,16 @@ class Payload:
         return subprocess.call, (['touch', 'PWNED'],)
 
 
-@pytest.mark.parametrize('content, fragment', [
-    (b'', 'is empty'), ((ROOT / 'images' / 'cat.jpg').read_bytes(), 'JPEG image'),
-    ((ROOT / 'images' / 'dog.png').read_bytes(), 'PNG image'), (b'hello, not weights\n', 'text file')])
-def test_a_file_that_is_not_a_checkpoint_says_what_it_is(tmp_path, content, fragment):
+@pytest.mark.parametrize('content, what', [
+    (b'', 'it is empty (0 bytes)'), ((ROOT / 'images' / 'cat.jpg').read_bytes(), 'it is a JPEG image'),
+    ((ROOT / 'images' / 'dog.png').read_bytes(), 'it is a PNG image'), (b'hello, not weights\n', 'it is a text file'),
+    (('notes: ' + '这不是权重。' * 40).encode('utf-8'), 'it is a text file')],  # (its 512th byte cuts a character)
+    ids=['empty', 'jpeg', 'png', 'text', 'chinese text'])
+def test_a_file_that_is_not_a_checkpoint_says_what_it_is(tmp_path, content, what):
     (tmp_path / 'x.pth').write_bytes(content)
     line = fails_cleanly('test.py', [ROOT / 'images' / 'cat.jpg', '--checkpoint', tmp_path / 'x.pth'], tmp_path,
-                         'is not a PyTorch checkpoint', fragment)
-    assert 'more than weights' not in line
+                         'is not a PyTorch checkpoint')
+    assert f' is not a PyTorch checkpoint: {what}; give a .pth file saved by torch.save' in line
 
 
 def test_a_pickle_that_would_run_code_is_refused_in_one_clean_line(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ Files in the checkpoint folder (default ``model/``):
     last.pth        the latest epoch, likewise, plus the whole training state
 Only tensors, numbers and strings go in, so loading never has to trust a pickle.
 """
+import codecs
 import pickle
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def not_a_checkpoint(path: Path):
         if head.startswith(signature):
             return what
     try:
-        head.decode('utf-8')
+        codecs.getincrementaldecoder('utf-8')().decode(head)  # (a character cut off at byte 512 is no error)
         return 'it is a text file'
     except UnicodeDecodeError:
         return None
