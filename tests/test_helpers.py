@@ -320,6 +320,21 @@ def test_a_new_checkpoint_folder_is_made_with_its_parents_and_holds_only_the_loc
         assert [p.name for p in folder.iterdir()] == [LOCK_FILE]
 
 
+def test_an_epochs_three_files_copy_the_weights_off_the_device_once(tmp_path, monkeypatch):
+    """model_{i}.pth, best.pth and last.pth hold the same weights, copied off the device once (each copy makes the
+    CPU wait for the GPU), then written from that copy."""
+    import training.folders
+    copies = []
+    monkeypatch.setattr(training.folders, 'cpu_weights', lambda model: copies.append(model) or
+                        {k: v.clone() for k, v in model.state_dict().items()})
+    model = MyModel()
+    progress = Progress(step=5, epoch=1, best={'accuracy': 0.5, 'epoch': 0})
+    with CheckpointFolder(settings('--checkpoint-dir', tmp_path), CLASSES, None) as folder:
+        folder.save_epoch(0, model, sgd(model), progress)
+    assert copies == [model]
+    assert sorted(p.name for p in tmp_path.glob('*.pth')) == ['best.pth', 'last.pth', 'model_0.pth']
+
+
 def test_a_checkpoint_folder_that_cannot_be_made_is_one_line_before_training(tmp_path):
     (tmp_path / 'a file').write_text('not a folder')
     with pytest.raises(UserError, match=r'cannot write checkpoints to .*a file.*model/ \(.*\); choose another '
