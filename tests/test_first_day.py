@@ -98,6 +98,24 @@ def test_a_whole_model_of_another_network_is_one_line_naming_what_it_holds(tmp_p
     assert '\x1b' not in line
 
 
+def test_a_zip_archive_whose_start_reads_as_text_is_not_called_a_text_file(tmp_path):
+    """torch.save writes a zip archive; one that is not a checkpoint is reported as unreadable, even when its first
+    512 bytes happen to be plain ASCII (a stored text file, its checksum bytes all below 128)."""
+    import itertools
+    import zipfile
+    import zlib
+    for n in itertools.count():
+        text = f'my notes, zipped and renamed by mistake {n}\n' * 14
+        if all(b < 0x80 for b in zlib.crc32(text.encode()).to_bytes(4, 'little')):
+            break
+    with zipfile.ZipFile(tmp_path / 'notes.pth', 'w', zipfile.ZIP_STORED) as archive:
+        archive.writestr(zipfile.ZipInfo('notes.txt', date_time=(1980, 1, 1, 0, 0, 0)), text)
+    (tmp_path / 'notes.pth').read_bytes()[:512].decode('ascii')  # (what the case is about)
+    line = fails_cleanly('test.py', [ROOT / 'images' / 'cat.jpg', '--checkpoint', tmp_path / 'notes.pth'], tmp_path,
+                         'is not a readable PyTorch checkpoint')
+    assert 'text file' not in line
+
+
 class Payload:
     def __reduce__(self):
         import subprocess
