@@ -386,6 +386,27 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_saying_what_to_do(tmp_p
         save_checkpoint({}, tmp_path / 'best.pth', 'resume')
 
 
+def test_a_failed_save_says_to_resume_once_last_pth_holds_the_run(tmp_path, monkeypatch):
+    import training.checkpoint
+    from training.platforms import FileInUse
+    model = MyModel()
+    with working_directory(tmp_path), project_at(tmp_path), \
+            CheckpointFolder(settings(), CLASSES, None) as folder:
+        real_save = training.checkpoint.atomic_save
+
+        def held_open(obj, path):
+            raise FileInUse(errno.EACCES, 'Access is denied')
+        monkeypatch.setattr(training.checkpoint, 'atomic_save', held_open)
+        with pytest.raises(UserError, match='close that program, then start the run again$'):
+            folder.save({}, folder.path / 'model_0.pth')  # nothing to resume yet
+        monkeypatch.setattr(training.checkpoint, 'atomic_save', real_save)
+        folder.save_last(model, sgd(model), Progress())
+        monkeypatch.setattr(training.checkpoint, 'atomic_save', held_open)
+        with pytest.raises(UserError, match=r'then continue with: python train.py --resume \(model.last.pth is '
+                                            r'complete\)$'):
+            folder.save({}, folder.path / 'model_0.pth')
+
+
 def test_tensorboard_write_errors_become_one_clear_line(tmp_path, monkeypatch):
     args = settings('--log-dir', tmp_path / 'logs', '--run-name', 'r')
     with RunLog(args, Progress(), CLASSES) as writer:
