@@ -1,6 +1,7 @@
 """The helpers the training scripts call, one by one: what a failure here points at is that helper."""
 import errno
 import os
+import re
 import threading
 from argparse import Namespace
 from pathlib import Path
@@ -293,10 +294,52 @@ def test_a_run_without_a_name_is_named_by_its_start_and_script_in_a_log_folder_m
 
 def test_a_checkpoint_folder_has_one_owner_at_a_time(tmp_path):
     first = take_lock(tmp_path / LOCK_FILE, 'pid 123, train.py, started today')
-    with pytest.raises(UserError, match=r'in use by another training run \(pid 123, train.py.*--checkpoint-dir'):
-        take_lock(tmp_path / LOCK_FILE, 'pid 456')
+    second = attempt_to_take(tmp_path / LOCK_FILE)
+    assert second, 'a second run waited for the lock instead of saying who holds it'
+    assert isinstance(second[0], UserError)
+    assert re.search(r'in use by another training run \(pid 123, train.py.*--checkpoint-dir', str(second[0]))
     first.close()  # what the operating system does when the process ends, even by kill -9
     take_lock(tmp_path / LOCK_FILE, 'pid 456').close()
+
+
+def attempt_to_take(path) -> list:
+    """take_lock(path) in a thread, given 10 s: [] if it was still waiting, else [what it raised, or None]."""
+    outcome = []
+
+    def attempt():
+        try:
+            take_lock(path, 'pid 456').close()
+            outcome.append(None)
+        except Exception as e:
+            outcome.append(e)
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    return outcome
+
+
+def test_a_run_that_took_the_folder_but_has_not_said_who_it_is_yet_is_waited_for_a_moment(tmp_path):
+    from training.platforms import lock_file
+    path = tmp_path / LOCK_FILE
+    with open(path, 'a+') as holder:
+        lock_file(holder, wait=False)  # taken, its name not written (yet)
+        outcome = attempt_to_take(path)
+        assert outcome, 'a second run waited for good'
+        assert isinstance(outcome[0], UserError) and '(just started)' in str(outcome[0])
+        threading.Timer(0.3, lambda: (holder.write('pid 123, train.py\n'), holder.flush())).start()
+        outcome = attempt_to_take(path)
+        assert isinstance(outcome[0], UserError) and '(pid 123, train.py)' in str(outcome[0])
+    assert attempt_to_take(path) == [None]
+
+
+def test_the_lock_file_gets_the_permissions_of_any_file_the_user_makes(tmp_path):
+    old = os.umask(0)  # every permission bit shows
+    try:
+        take_lock(tmp_path / LOCK_FILE, 'pid 123').close()
+        (tmp_path / 'plain.txt').write_text('made by open()')
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / LOCK_FILE).st_mode) == oct(os.stat(tmp_path / 'plain.txt').st_mode)  # not executable
 
 
 def test_taking_a_checkpoint_folder_clears_what_a_killed_run_left_and_nothing_else(tmp_path):
@@ -340,6 +383,13 @@ def test_a_checkpoint_folder_that_cannot_be_made_is_one_line_before_training(tmp
     with pytest.raises(UserError, match=r'cannot write checkpoints to .*a file.*model/ \(.*\); choose another '
                                         r'--checkpoint-dir'):
         CheckpointFolder(settings('--checkpoint-dir', tmp_path / 'a file' / 'model'), CLASSES, None).__enter__()
+
+
+@pytest.mark.skipif(not Path('/sys/kernel').is_dir(), reason="Linux's /sys: a folder that even root cannot write into")
+def test_a_checkpoint_folder_that_exists_but_cannot_be_written_is_one_line_before_training():
+    with pytest.raises(UserError, match=r'^cannot write checkpoints to /sys/kernel/ \(Permission denied\); choose '
+                                        r'another --checkpoint-dir$'):
+        CheckpointFolder(settings('--checkpoint-dir', '/sys/kernel'), CLASSES, None).__enter__()
 
 
 def test_a_checkpoint_keeps_the_runs_settings_that_a_weights_only_load_can_read(tmp_path):
