@@ -11,6 +11,8 @@ from torchvision.transforms import functional as TF
 from training import batches
 from training.batches import StreamBatches, TensorBatches, cache_key, decode_cached, make_batches
 from training.data import hold_out, load_data
+from training.distributed import ProcessGroup
+from training.errors import UnreadableImage, UserError
 from training.recipe import augment, augment_plan
 
 CPU = torch.device('cpu')
@@ -144,6 +146,73 @@ def test_data_where_no_cache_can_be_written_still_trains(tmp_path, capsys):
     messages = capsys.readouterr().out.splitlines()
     assert len(messages) == 2 and all('not cached' in m for m in messages)
     assert sum(len(labels) for _, labels in fast) == 12  # 3 classes x 4 images
+
+
+def both_paths(n: int, batch_size: int) -> list:
+    """A memory and a stream path over the same n images (the same for each call), both shuffled by one seed."""
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    labels = torch.arange(n)
+    dataset = torch.utils.data.TensorDataset(images.permute(0, 3, 1, 2).float().div(255), labels)
+    return [TensorBatches(images, labels, batch_size, CPU, shuffle_seed=5),
+            StreamBatches(dataset, batch_size, num_workers=0, shuffle_seed=5)]
+
+
+@pytest.mark.parametrize('path', [0, 1], ids=['memory', 'stream'])
+def test_processes_of_one_run_take_consecutive_parts_of_each_global_batch(path):
+    """train_ddp.py's sharing, in one process: 21 images in global batches of 8 (8, 8, 5) for two processes."""
+    whole = [(x, y) for x, y in both_paths(21, 8)[path].epoch(1)]
+    parts, shares = [], []
+    for rank in (0, 1):
+        batches = both_paths(21, 8)[path]
+        batches.share_with(ProcessGroup(rank, 2, CPU))
+        parts.append([])
+        for batch in batches.epoch(1):
+            parts[-1].append(batch)
+            shares.append(batches.share_of_batch)
+    assert [len(y) for _, y in parts[0]] == [4, 4, 3] and [len(y) for _, y in parts[1]] == [4, 4, 2]
+    for (x, y), (x0, y0), (x1, y1) in same_length(whole, *parts):
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    assert shares == [0.5, 0.5, 3 / 5, 0.5, 0.5, 2 / 5]  # what each process's gradients are weighted by
+
+
+def test_a_global_batch_the_processes_cannot_share_is_refused_with_its_fix():
+    with pytest.raises(UserError, match=r'^--batch-size 8 is the global batch .* 3 processes: give a multiple of 3$'):
+        both_paths(21, 8)[0].share_with(ProcessGroup(0, 3, CPU))
+    for n, fits in [(16, True), (17, False), (18, True)]:  # last batch of 0, 1 and 2 images for 2 processes
+        for batches in both_paths(n, 8):
+            batches.share_with(ProcessGroup(1, 2, CPU), training=False)  # a test batch of 1 image may go to one
+            assert batches.rank == 1
+            if fits:
+                batches.share_with(ProcessGroup(1, 2, CPU))
+            else:
+                with pytest.raises(UserError, match=r'^the last batch of an epoch would have 1 image\(s\), too few '
+                                                    r'for 2 processes to share: choose another --batch-size$'):
+                    batches.share_with(ProcessGroup(1, 2, CPU))
+
+
+def test_the_stream_paths_sampler_says_how_many_batches_it_gives():
+    """len(DataLoader) is the sampler's: the batches left in the epoch, also for a resumed one."""
+    batches = both_paths(21, 8)[1]
+    for skip, left in [(0, 3), (2, 1), (3, 0), (5, 0)]:
+        batches.sampler.skip = skip
+        assert len(batches.loader) == len(list(batches.sampler)) == left
+
+
+def test_an_image_that_cannot_be_read_ends_the_stream_with_its_own_message():
+    class OneBroken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            if index == 7:
+                raise UserError('unreadable image cat/7.png: truncated file; replace or delete it')
+            return torch.zeros(3, 32, 32), 0
+
+    batches = StreamBatches(OneBroken(), 4, num_workers=0)
+    epoch = batches.epoch(0)
+    assert len(next(epoch)[1]) == 4  # images 0-3
+    with pytest.raises(UnreadableImage, match=r'^unreadable image cat/7.png: truncated file; replace or delete it$'):
+        next(epoch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs an NVIDIA GPU')
