@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, assert_clean_error, fails_cleanly, load_weights, run_main, run_script, write_image_folders
+from conftest import (ROOT, assert_clean_error, fails_cleanly, load_weights, run_main, run_script, same_length,
+                      write_image_folders)
 from model import MyModel
 
 LESSON_MODULE = '''
@@ -66,6 +67,17 @@ def test_a_whole_model_saved_by_the_lessons_classifies_in_a_fresh_process(tmp_pa
     loaded = load_checkpoint(path)['model']
     assert list(loaded) == list(MyModel().state_dict())
     assert all(torch.equal(a, b) for a, b in zip(loaded.values(), expected))
+
+
+@pytest.mark.parametrize('out', [10, 7])
+def test_a_whole_model_is_read_in_this_process_with_the_classes_its_last_layer_has(tmp_path, out):
+    from training.checkpoint import load_checkpoint
+    path, expected = save_like_the_lessons(tmp_path, 'tudui_9.pth', out=out)
+    loaded = load_checkpoint(path)
+    assert loaded['whole_model']['class'] == 'Tudui' and loaded['classes'] is None
+    model = MyModel(num_classes=out)
+    model.load_state_dict(loaded['model'])  # MyModel's keys, and shapes
+    assert all(torch.equal(a, b) for a, b in same_length(model.state_dict().values(), expected))
 
 
 def test_convert_writes_a_plain_state_dict_and_never_overwrites(tmp_path):
