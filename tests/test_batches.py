@@ -61,11 +61,12 @@ def test_every_epoch_is_a_new_permutation_of_the_whole_set(data):
     assert torch.equal(orders[0], torch.cat([y for _, y in all_batches(fast, 0)]))  # same epoch, same order
 
 
-def test_augmentation_is_torchvisions_random_crop_and_flip():
-    """Each image of a batch, cropped and mirrored in one gather, equals torchvision's pad + crop + hflip
-    of that image with the same offsets; the plan gives every offset and both mirror states."""
+@pytest.mark.parametrize('flip', [True, False])
+def test_augmentation_is_torchvisions_random_crop_and_flip(flip):
+    """Each image of a batch, cropped (and mirrored) in one gather, equals torchvision's pad + crop (+ hflip)
+    of that image with the same offsets; the plan gives every offset and, with flip, both mirror states."""
     images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
-    plan = augment_plan(64, seed=1, epoch=2, padding=4, flip=True)
+    plan = augment_plan(64, seed=1, epoch=2, padding=4, flip=flip)
     out = augment(images, plan, padding=4)
     assert out.shape == images.shape and out.dtype == torch.uint8
     for image, (top, left, mirror), result in zip(images, plan.tolist(), out):
@@ -73,10 +74,18 @@ def test_augmentation_is_torchvisions_random_crop_and_flip():
         if mirror:
             expected = TF.hflip(expected)
         assert torch.equal(result.permute(2, 0, 1), expected)
-    assert set(plan[:, :2].flatten().tolist()) == set(range(9)) and set(plan[:, 2].tolist()) == {0, 1}
-    assert torch.equal(plan, augment_plan(64, 1, 2, 4, True))  # (seed, epoch) decide it
-    assert not torch.equal(plan, augment_plan(64, 1, 3, 4, True))
-    assert not augment_plan(64, 1, 2, 4, flip=False)[:, 2].any()
+    assert set(plan[:, :2].flatten().tolist()) == set(range(9))
+    assert set(plan[:, 2].tolist()) == ({0, 1} if flip else {0})
+    assert torch.equal(plan, augment_plan(64, 1, 2, 4, flip))  # (seed, epoch) decide it
+    assert not torch.equal(plan, augment_plan(64, 1, 3, 4, flip))
+
+
+def test_augmentation_happens_on_the_device_the_images_are_on():
+    """PyTorch's 'meta' device stands in for a GPU: tensors with a device and a shape but no values; a plan made
+    on the CPU meets the images there."""
+    images = torch.empty(8, 32, 32, 3, dtype=torch.uint8, device='meta')
+    out = augment(images, augment_plan(8, seed=1, epoch=0, padding=4, flip=True), padding=4)
+    assert (out.device.type, out.shape, out.dtype) == ('meta', images.shape, torch.uint8)
 
 
 def test_augmented_epochs_differ_and_a_resumed_epoch_continues_the_same_way(data):

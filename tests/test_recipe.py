@@ -9,7 +9,7 @@ from torch import nn
 from conftest import CLASSES, CPU, ROOT, fails_cleanly, load_weights, run_main, scalars, script_module
 from model import MyModel
 from training.data import CIFAR10  # torchvision's loader, without the MD5 check of the official files
-from training.recipe import (RECIPES, FlipAverage, Normalize, channel_stats, inference_net, lr_schedule,
+from training.recipe import (RECIPES, ByLength, FlipAverage, Normalize, channel_stats, inference_net, lr_schedule,
                              make_optimizer)
 from training.settings import training_settings
 
@@ -41,6 +41,12 @@ def test_fast_crops_only_runs_long_enough_to_profit_from_them():
     assert parse('--recipe', 'fast', '--epochs', from_epochs - 1).crop_padding == 0
     assert parse('--recipe', 'fast', '--epochs', from_epochs).crop_padding == 4
     assert parse('--recipe', 'fast', '--epochs', 3, '--crop-padding', 2).crop_padding == 2  # a flag given wins
+
+
+def test_a_default_that_depends_on_the_length_of_the_run_says_so_in_the_help():
+    default = ByLength('light', 'strong', epochs=15)
+    assert [default(Namespace(epochs=e)) for e in (1, 14, 15, 30)] == ['light', 'light', 'strong', 'strong']
+    assert str(default) == 'strong from 15 epochs on, light below'
 
 
 @pytest.mark.parametrize('argv, fragments', [
