@@ -1,5 +1,6 @@
 """--recipe fast: its ingredients one by one, and a real run whose checkpoints test.py uses as trained."""
 import json
+import math
 from argparse import Namespace
 
 import pytest
@@ -76,6 +77,13 @@ def test_schedules_warm_up_to_the_peak_then_fall_to_zero(schedule):
     assert all(a >= b for a, b in zip(rates[20:], rates[21:])) and rates[-1] < 0.003
     constant = lr_schedule(Namespace(schedule='constant', lr=0.05, warmup=0.0), 100)
     assert [constant(step) for step in range(100)] == [0.05] * 100
+
+
+@pytest.mark.parametrize('schedule, fallen', [('onecycle', 1 - 0.5 / 1.5), ('cosine', 0.5 * (1 + math.cos(math.pi / 3)))])
+def test_a_warm_up_that_ends_between_two_steps_peaks_at_lr_and_then_falls_from_there(schedule, fallen):
+    lr_at = lr_schedule(Namespace(schedule=schedule, lr=0.05, warmup=0.7), total_steps=5)  # warm-up: 3.5 steps
+    rates = [lr_at(step) for step in range(5)] + [lr_at(5)]  # (step 5: where the run ends)
+    assert rates == pytest.approx([0.05 / 3.5, 0.05 * 2 / 3.5, 0.05 * 3 / 3.5, 0.05, 0.05 * fallen, 0])
 
 
 def test_weight_decay_shrinks_weights_but_not_biases():

@@ -88,8 +88,8 @@ def lr_schedule(args, total_steps: int):
     def lr_at(step: int) -> float:
         if args.schedule == 'constant':
             return args.lr
-        if step < warmup_steps:
-            return args.lr * (step + 1) / warmup_steps
+        if step < warmup_steps:  # (capped: a warm-up of 3.5 steps would give 4 / 3.5 of --lr at its last step)
+            return args.lr * min((step + 1) / warmup_steps, 1.0)
         done = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
         if args.schedule == 'onecycle':
             return args.lr * (1 - done)
