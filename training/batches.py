@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import os
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -147,7 +148,9 @@ class EpochSampler(Sampler):
     batch this process's part of the global one."""
 
     def __init__(self, batches: Batches, seed):
-        self.batches, self.seed, self.epoch, self.skip = batches, seed, 0, 0
+        # (a weak reference: with a cycle StreamBatches -> loader -> sampler -> StreamBatches, the garbage collector
+        # would free the DataLoader in an order in which shutting down each worker process waits 5 s)
+        self.batches, self.seed, self.epoch, self.skip = weakref.proxy(batches), seed, 0, 0
 
     def __iter__(self):
         b = self.batches
