@@ -1,4 +1,6 @@
 """The fast in-memory path feeds the model exactly what the tutorial's DataLoader + ToTensor() feeds it."""
+import os
+import signal
 from argparse import Namespace
 
 import pytest
@@ -9,7 +11,7 @@ from conftest import same_length, working_directory, write_cifar10, write_image_
 from torchvision.transforms import functional as TF
 
 from training import batches
-from training.batches import StreamBatches, TensorBatches, cache_key, decode_cached, make_batches
+from training.batches import Augmentation, StreamBatches, TensorBatches, cache_key, decode_cached, make_batches
 from training.data import hold_out, load_data
 from training.distributed import ProcessGroup
 from training.errors import UnreadableImage, UserError
@@ -88,12 +90,13 @@ def test_augmentation_happens_on_the_device_the_images_are_on():
     assert (out.device.type, out.shape, out.dtype) == ('meta', images.shape, torch.uint8)
 
 
-def test_augmented_epochs_differ_and_a_resumed_epoch_continues_the_same_way(data):
-    fast, _ = make_batches(data, options(crop_padding=4, flip=True), CPU)
+@pytest.mark.parametrize('loader', ['memory', 'stream'])
+def test_augmented_epochs_differ_and_a_resumed_epoch_continues_the_same_way(data, loader):
+    fast, _ = make_batches(data, options(crop_padding=4, flip=True, loader=loader), CPU)
     epoch_0 = all_batches(fast, 0)
     resumed = fast.epoch(0, skip=2)  # resuming after two batches
     assert all(torch.equal(a[0], b[0]) for a, b in same_length(epoch_0[2:], resumed))
-    plain, _ = make_batches(data, options(), CPU)
+    plain, _ = make_batches(data, options(loader=loader), CPU)
     assert not torch.equal(epoch_0[0][0], all_batches(plain, 0)[0][0])  # the images really changed
 
 
@@ -130,6 +133,10 @@ def test_image_folders_are_cached_and_the_cache_follows_the_files(tmp_path, caps
 
     old_key = cache_key(load_data(root).train)
     picture = next((root / 'train' / 'dog').glob('*.png'))
+    renamed = picture.rename(picture.with_name('zz-' + picture.name))  # (size and time unchanged)
+    assert cache_key(load_data(root).train) != old_key
+    renamed.rename(picture)
+    assert cache_key(load_data(root).train) == old_key
     Image.new('RGB', (32, 32), (255, 0, 0)).save(picture)
     assert cache_key(load_data(root).train) != old_key
     third, _ = make_batches(load_data(root), options(), CPU)
@@ -157,11 +164,17 @@ def test_data_where_no_cache_can_be_written_still_trains(tmp_path, capsys):
     assert sum(len(labels) for _, labels in fast) == 12  # 3 classes x 4 images
 
 
-def both_paths(n: int, batch_size: int) -> list:
-    """A memory and a stream path over the same n images (the same for each call), both shuffled by one seed."""
+def tiny_set(n: int) -> tuple:
+    """n random images (the same for each call) labelled 0 ... n - 1: as uint8 N x H x W x C, the labels, and
+    as a Dataset of what ToTensor() gives."""
     images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
     labels = torch.arange(n)
-    dataset = torch.utils.data.TensorDataset(images.permute(0, 3, 1, 2).float().div(255), labels)
+    return images, labels, torch.utils.data.TensorDataset(images.permute(0, 3, 1, 2).float().div(255), labels)
+
+
+def both_paths(n: int, batch_size: int) -> list:
+    """A memory and a stream path over the same n images, both shuffled by one seed."""
+    images, labels, dataset = tiny_set(n)
     return [TensorBatches(images, labels, batch_size, CPU, shuffle_seed=5),
             StreamBatches(dataset, batch_size, num_workers=0, shuffle_seed=5)]
 
@@ -205,6 +218,45 @@ def test_the_stream_paths_sampler_says_how_many_batches_it_gives():
     for skip, left in [(0, 3), (2, 1), (3, 0), (5, 0)]:
         batches.sampler.skip = skip
         assert len(batches.loader) == len(list(batches.sampler)) == left
+
+
+class WhoServes(torch.utils.data.Dataset):
+    """Each image's label says which process read it, and whether that process ignores Ctrl+C."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        return torch.zeros(3, 32, 32), torch.tensor([os.getpid(), signal.getsignal(signal.SIGINT) == signal.SIG_IGN])
+
+
+def test_the_stream_paths_worker_serves_every_epoch_and_leaves_ctrl_c_to_training():
+    batches = StreamBatches(WhoServes(), 4, num_workers=1, shuffle_seed=0)
+    served = torch.cat([labels for epoch in (0, 1) for _, labels in batches.epoch(epoch)])
+    assert len(served) == 12
+    assert len(set(served[:, 0].tolist()) - {os.getpid()}) == 1  # one worker, started once for both epochs
+    assert served[:, 1].all()  # a Ctrl+C is for the main process, which saves before it stops
+
+
+@pytest.mark.parametrize('workers', [0, 1])
+def test_the_stream_path_leaves_the_global_random_state_alone(workers):
+    """Dropout, or anything else a learner adds, draws the same numbers whichever path feeds training."""
+    batches = StreamBatches(tiny_set(21)[2], 8, num_workers=workers, shuffle_seed=5)
+    before = torch.get_rng_state()
+    for epoch in (0, 1):
+        all_batches(batches, epoch)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_stream_path_moves_each_batch_to_the_device_and_augments_and_normalises_it_there():
+    """PyTorch's 'meta' device stands in for a GPU (its tensors have a device but no values)."""
+    meta = torch.device('meta')
+    batches = StreamBatches(tiny_set(21)[2], 8, 0, shuffle_seed=5, device=meta,
+                            augmentation=Augmentation(padding=4, flip=True, seed=0))
+    batches.set_normalization({'mean': [0.5] * 3, 'std': [0.25] * 3}, meta)
+    assert not batches.loader.pin_memory  # (only for a GPU)
+    for images, labels in batches.epoch(0):
+        assert images.device == labels.device == meta and images.shape[1:] == (3, 32, 32)
 
 
 def test_an_image_that_cannot_be_read_ends_the_stream_with_its_own_message():
