@@ -1,5 +1,6 @@
 """The fast in-memory path feeds the model exactly what the tutorial's DataLoader + ToTensor() feeds it."""
 import os
+import re
 import signal
 from argparse import Namespace
 
@@ -133,7 +134,7 @@ def test_image_folders_are_cached_and_the_cache_follows_the_files(tmp_path, caps
 
     old_key = cache_key(load_data(root).train)
     picture = next((root / 'train' / 'dog').glob('*.png'))
-    renamed = picture.rename(picture.with_name('zz-' + picture.name))  # (size and time unchanged)
+    renamed = picture.rename(picture.with_name(picture.stem + 'a.png'))  # (its place, size and time unchanged)
     assert cache_key(load_data(root).train) != old_key
     renamed.rename(picture)
     assert cache_key(load_data(root).train) == old_key
@@ -161,7 +162,43 @@ def test_data_where_no_cache_can_be_written_still_trains(tmp_path, capsys):
     fast, _ = make_batches(load_data(root), options(), CPU)
     messages = capsys.readouterr().out.splitlines()
     assert len(messages) == 2 and all('not cached' in m for m in messages)
+    assert all(re.search(r'/\.cache is not writable \([A-Z][a-z ]+\)\)$', m) for m in messages), messages  # in words
     assert sum(len(labels) for _, labels in fast) == 12  # 3 classes x 4 images
+
+
+def test_decoding_says_how_many_images_took_how_long_and_where_they_are_cached(tmp_path, capsys, monkeypatch):
+    root = write_image_folders(tmp_path, train=4, test=2)
+    clock = iter([100.0, 102.25, 200.0, 200.5])
+    monkeypatch.setattr(batches, 'time', Namespace(perf_counter=lambda: next(clock)))
+    make_batches(load_data(root), options(), CPU)
+    train, test = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(rf'decoded 12 train images in 2\.2s \(cached in {re.escape(str(root))}/\.cache/train-\w+\.pt\)',
+                        train), train
+    assert test.startswith('decoded 6 test images in 0.5s (cached in ')
+
+
+def test_a_cache_file_is_never_run_as_code(tmp_path):
+    """A .pt file that would call a function when unpickled (as any pickle can) is rebuilt, and nothing called."""
+    root = write_image_folders(tmp_path, train=4, test=2)
+    reference, _ = make_batches(load_data(root), options(), CPU)
+    marker = tmp_path / 'called'
+
+    class Payload:
+        def __reduce__(self):
+            return marker.touch, ()
+    for cached in (root / '.cache').glob('*.pt'):
+        torch.save({'images': Payload(), 'labels': Payload()}, cached)
+    again, _ = make_batches(load_data(root), options(), CPU)
+    assert not marker.exists() and torch.equal(again.images, reference.images)
+
+
+def test_fake_data_decodes_to_its_own_images_however_many_threads_are_offered():
+    """FakeData seeds PyTorch's global random generator for each image: threads would mix up their images."""
+    from training.data import fake_data
+    train = fake_data(batch_size=128, seed=0).train  # 512 images
+    images, labels = batches.decode(train, threads=8)
+    one_by_one = torch.stack([image for image, _ in train])
+    assert torch.equal(images, one_by_one.mul(255).round().byte().permute(0, 2, 3, 1))
 
 
 def tiny_set(n: int) -> tuple:
