@@ -118,6 +118,25 @@ def test_validation_split_is_held_out_of_the_training_set(data, monkeypatch):
                        torch.cat([y for _, y in all_batches(slow, 0)]))
 
 
+def test_auto_holds_the_data_set_when_it_takes_under_a_quarter_of_the_free_memory(monkeypatch):
+    """400 images of 32 x 32 x 3 bytes; the free memory is the computer's, or on a GPU that GPU's free memory."""
+    data, needed = Namespace(train=range(300), test=range(100)), 400 * 3072
+    asked = []
+
+    def gpu_memory(device):
+        asked.append(device)
+        return gpu_free, 80 * needed  # (free, total)
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', gpu_memory)
+    for free, fits in [(4 * needed + 4, True), (4 * needed + 3, False), (4 * needed, False), (needed, False)]:
+        monkeypatch.setattr(batches, 'available_memory', lambda: free)
+        gpu_free = 8 * needed - free  # (another figure, so that each choice shows whose memory it went by)
+        assert batches.fits_in_memory(data, CPU) == fits
+        gpu_free = free
+        monkeypatch.setattr(batches, 'available_memory', lambda: 8 * needed - free)
+        assert batches.fits_in_memory(data, torch.device('cuda', 1)) == fits
+    assert asked == [torch.device('cuda', 1)] * 4
+
+
 def test_image_folders_are_cached_and_the_cache_follows_the_files(tmp_path, capsys):
     def messages():
         return capsys.readouterr().out.splitlines()
