@@ -315,6 +315,16 @@ def test_the_stream_path_moves_each_batch_to_the_device_and_augments_and_normali
         assert images.device == labels.device == meta and images.shape[1:] == (3, 32, 32)
 
 
+def test_the_memory_path_holds_the_data_set_on_the_device_and_cuts_its_batches_there():
+    """PyTorch's 'meta' device stands in for a GPU."""
+    images, labels, _ = tiny_set(21)
+    batches = TensorBatches(images, labels, 8, torch.device('meta'), shuffle_seed=5,
+                            augmentation=Augmentation(padding=4, flip=True, seed=0))
+    assert batches.images.is_meta and batches.labels.is_meta
+    for images, labels in batches.epoch(0):
+        assert images.is_meta and labels.is_meta and images.shape[1:] == (3, 32, 32)
+
+
 def test_an_image_that_cannot_be_read_ends_the_stream_with_its_own_message():
     class OneBroken(torch.utils.data.Dataset):
         def __len__(self):
