@@ -137,6 +137,13 @@ def test_auto_holds_the_data_set_when_it_takes_under_a_quarter_of_the_free_memor
     assert asked == [torch.device('cuda', 1)] * 4
 
 
+@pytest.mark.parametrize('fits', [True, False])
+def test_auto_holds_the_data_set_in_memory_when_it_fits_and_streams_it_when_not(data, fits, monkeypatch):
+    monkeypatch.setattr(batches, 'fits_in_memory', lambda data, device: fits)
+    kind = TensorBatches if fits else StreamBatches
+    assert [type(b) for b in make_batches(data, options(loader='auto'), CPU)] == [kind, kind]
+
+
 def test_image_folders_are_cached_and_the_cache_follows_the_files(tmp_path, capsys):
     def messages():
         return capsys.readouterr().out.splitlines()
