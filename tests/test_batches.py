@@ -51,15 +51,19 @@ def test_memory_path_yields_the_dataloaders_tensors_in_the_same_order(data, chan
             assert x.dtype == x_ref.dtype == torch.float32
             assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
             assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
+            assert x_ref.is_contiguous(memory_format=torch.channels_last) == channels_last
     for (x, y), (x_ref, y_ref) in same_length(fast_test, slow_test):
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
         assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert x_ref.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
-def test_the_memory_path_puts_both_splits_on_the_training_device(data):
+@pytest.mark.parametrize('loader', ['memory', 'stream'])
+def test_both_splits_come_on_the_training_device(data, loader):
     """PyTorch's 'meta' device stands in for a GPU."""
-    for split in make_batches(data, options(), torch.device('meta')):
-        assert split.images.is_meta and split.labels.is_meta
+    for split in make_batches(data, options(loader=loader), torch.device('meta')):
+        images, labels = next(iter(split))
+        assert images.is_meta and labels.is_meta
 
 
 def test_every_epoch_is_a_new_permutation_of_the_whole_set(data):
