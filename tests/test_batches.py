@@ -271,6 +271,15 @@ def test_processes_of_one_run_take_consecutive_parts_of_each_global_batch(path):
     assert shares == [0.5, 0.5, 3 / 5, 0.5, 0.5, 2 / 5]  # what each process's gradients are weighted by
 
 
+@pytest.mark.parametrize('loader', ['memory', 'stream'])
+def test_in_a_run_of_several_processes_both_splits_give_this_processs_part(data, loader):
+    """Batches of 14: the folders' test split ends in a batch of 1 image, which a test split may leave to one."""
+    train, test = make_batches(data, options(loader=loader, batch_size=14), CPU, group=ProcessGroup(1, 2, CPU))
+    alone, _ = make_batches(data, options(loader=loader, batch_size=14), CPU)
+    assert [len(y) for _, y in train.epoch(0)] == [len(y) // 2 for _, y in alone.epoch(0)]  # the second half
+    assert (train.rank, train.world_size, test.rank, test.world_size) == (1, 2, 1, 2)
+
+
 def test_a_global_batch_the_processes_cannot_share_is_refused_with_its_fix():
     with pytest.raises(UserError, match=r'^--batch-size 8 is the global batch .* 3 processes: give a multiple of 3$'):
         both_paths(21, 8)[0].share_with(ProcessGroup(0, 3, CPU))
