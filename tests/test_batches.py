@@ -60,10 +60,10 @@ def test_memory_path_yields_the_dataloaders_tensors_in_the_same_order(data, chan
 
 @pytest.mark.parametrize('loader', ['memory', 'stream'])
 def test_both_splits_come_on_the_training_device(data, loader):
-    """PyTorch's 'meta' device stands in for a GPU."""
-    for split in make_batches(data, options(loader=loader), torch.device('meta')):
-        images, labels = next(iter(split))
-        assert images.is_meta and labels.is_meta
+    """PyTorch's 'meta' device stands in for a GPU; the training split is cropped and mirrored there."""
+    for split in make_batches(data, options(loader=loader, crop_padding=4, flip=True), torch.device('meta')):
+        for images, labels in split:
+            assert images.is_meta and labels.is_meta and images.shape[1:] == (3, 32, 32)
 
 
 def test_every_epoch_is_a_new_permutation_of_the_whole_set(data):
@@ -256,7 +256,7 @@ def both_paths(n: int, batch_size: int) -> list:
 @pytest.mark.parametrize('path', [0, 1], ids=['memory', 'stream'])
 def test_processes_of_one_run_take_consecutive_parts_of_each_global_batch(path):
     """train_ddp.py's sharing, in one process: 21 images in global batches of 8 (8, 8, 5) for two processes."""
-    whole = [(x, y) for x, y in both_paths(21, 8)[path].epoch(1)]
+    whole = all_batches(both_paths(21, 8)[path], 1)
     parts, shares = [], []
     for rank in (0, 1):
         batches = both_paths(21, 8)[path]
@@ -340,16 +340,6 @@ def test_the_stream_path_moves_each_batch_to_the_device_and_augments_and_normali
     assert not batches.loader.pin_memory  # (only for a GPU)
     for images, labels in batches.epoch(0):
         assert images.device == labels.device == meta and images.shape[1:] == (3, 32, 32)
-
-
-def test_the_memory_path_holds_the_data_set_on_the_device_and_cuts_its_batches_there():
-    """PyTorch's 'meta' device stands in for a GPU."""
-    images, labels, _ = tiny_set(21)
-    batches = TensorBatches(images, labels, 8, torch.device('meta'), shuffle_seed=5,
-                            augmentation=Augmentation(padding=4, flip=True, seed=0))
-    assert batches.images.is_meta and batches.labels.is_meta
-    for images, labels in batches.epoch(0):
-        assert images.is_meta and labels.is_meta and images.shape[1:] == (3, 32, 32)
 
 
 def test_an_image_that_cannot_be_read_ends_the_stream_with_its_own_message():

@@ -82,7 +82,7 @@ def test_schedules_warm_up_to_the_peak_then_fall_to_zero(schedule):
 @pytest.mark.parametrize('schedule, fallen', [('onecycle', 1 - 0.5 / 1.5), ('cosine', 0.5 * (1 + math.cos(math.pi / 3)))])
 def test_a_warm_up_that_ends_between_two_steps_peaks_at_lr_and_then_falls_from_there(schedule, fallen):
     lr_at = lr_schedule(Namespace(schedule=schedule, lr=0.05, warmup=0.7), total_steps=5)  # warm-up: 3.5 steps
-    rates = [lr_at(step) for step in range(5)] + [lr_at(5)]  # (step 5: where the run ends)
+    rates = [lr_at(step) for step in range(6)]  # (step 5: where the run ends)
     assert rates == pytest.approx([0.05 / 3.5, 0.05 * 2 / 3.5, 0.05 * 3 / 3.5, 0.05, 0.05 * fallen, 0])
 
 
