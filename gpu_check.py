@@ -18,7 +18,8 @@ recorded and the next one runs; each step's result is printed as soon as it is k
              "training device: cuda"), a 5-epoch --recipe fast run: time and test accuracy; then test.py
              classifies images/ on the CPU with each run's best.pth
   ddp        train_ddp.py under torchrun with one process, against train_gpu_2.py at the same settings
-             (the cost of the DistributedDataParallel wrapper)
+             (the cost of the DistributedDataParallel wrapper): the median images/s of each; the baseline
+             is the runs step's default run when this invocation made it, else a run of its own
 
 Results go to OUT/gpu_check.json and OUT/gpu_check.txt (one table: card, driver, torch, date), rewritten after
 every step so that a run cut short still leaves what it measured; each step's output is in OUT/logs/.
@@ -67,6 +68,7 @@ class Check:
         self.logs = self.out / 'logs'
         self.logs.mkdir(parents=True, exist_ok=True)
         self.cuda = args.device == 'cuda'
+        self.default_run = None  # the runs step's default train_gpu_2.py run: the ddp step's baseline too
         self.deadline = time.monotonic() + args.budget
         self.results = {'machine': machine(self.cuda), 'tiny': args.tiny, 'data_dir': str(args.data_dir),
                         'generated_data': args.generated, 'budget': args.budget,
@@ -173,6 +175,7 @@ class Check:
                    'train_gpu_1 1 epoch': self.train('gpu1-1-epoch', 'train_gpu_1.py', *epochs(1)),
                    'train_gpu_2 fast 5 epochs': self.train('gpu2-fast', 'train_gpu_2.py', '--recipe', 'fast',
                                                            *epochs(5), *device)}
+        self.default_run = dict(results['train_gpu_2 default'])  # (before test.py's answers join it)
         expected = 'cuda' if torch.cuda.is_available() else 'cpu'  # train_gpu_1.py uses a GPU whenever there is one
         results['train_gpu_1 1 epoch']['ok'] &= results['train_gpu_1 1 epoch']['device'] == expected
         for name, run_folder in (('train_gpu_2 default', 'gpu2-default'), ('train_gpu_2 fast 5 epochs', 'gpu2-fast')):
@@ -186,7 +189,9 @@ class Check:
         epochs = ['--epochs', '2' if self.args.tiny else '5']
         device = ['--device', self.args.device]
         torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node=1']
-        results = {'train_gpu_2': self.train('ddp-baseline', 'train_gpu_2.py', *epochs, *device),
+        baseline = self.default_run if self.default_run and self.default_run['ok'] else \
+            self.train('ddp-baseline', 'train_gpu_2.py', *epochs, *device)
+        results = {'train_gpu_2': baseline,
                    'train_ddp, 1 process': self.train('ddp-1', 'train_ddp.py', *epochs, *device, launcher=torchrun)}
         one, wrapped = (results[k].get('images_per_second') for k in results)
         return {'ok': all(r['ok'] for r in results.values()), 'runs': results,

@@ -2,29 +2,29 @@
 a GPU machine runs in one call cannot rot between the rare times a GPU is lent."""
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, assert_clean_error, posix_only, run_script, script_module
+from conftest import assert_clean_error, posix_only, run_main, run_script, script_module
 
 pytestmark = pytest.mark.skipif(os.environ.get('GPU_CHECK_RUNNING') == '1',
                                 reason='gpu_check.py is running this suite: no check inside the check')
 
 
-def test_the_tiny_check_runs_every_step_and_writes_one_table(tmp_path):
-    """Without --data-dir (as on a lent GPU machine, which has no copy of CIFAR-10): generated data."""
-    result = run_script('gpu_check.py', '--out', tmp_path / 'out', '--device', 'cpu', cwd=tmp_path, timeout=400)
+def test_the_tiny_check_runs_every_step_and_writes_one_table(tmp_path, capsys):
+    """Without --data-dir (as on a lent GPU machine, which has no copy of CIFAR-10): generated data. The check
+    itself runs in this process (every step's commands are processes of their own)."""
+    assert script_module('gpu_check.py').main(['--out', str(tmp_path / 'out'), '--device', 'cpu']) == 0
+    stdout = capsys.readouterr().out
     results = json.loads((tmp_path / 'out' / 'gpu_check.json').read_text())
     text = (tmp_path / 'out' / 'gpu_check.txt').read_text()
-    assert result.stdout.endswith(text)
+    assert stdout.endswith(text)
     assert results['generated_data'] and 'data: generated CIFAR-10-format images' in text
     assert (tmp_path / 'out' / 'data' / 'cifar-10-batches-py' / 'test_batch').is_file()
-    live = result.stdout[:-len(text)]  # each step's rows, printed as it finished
+    live = stdout[:-len(text)]  # each step's rows, printed as it finished
     assert live.index('tests: OK') < live.index('benchmark ...') < live.index('train_gpu_2 default') < \
         live.index('ddp ...')
     assert list(results['steps']) == ['tests', 'benchmark', 'runs', 'ddp']
@@ -45,18 +45,36 @@ def test_the_tiny_check_runs_every_step_and_writes_one_table(tmp_path):
     answers = runs['train_gpu_2 fast 5 epochs']['classify_on_cpu']['answers']
     assert sorted(answers) == ['cat.jpg', 'dog.png', 'dog_rgba.png']
     assert results['steps']['ddp']['ddp_speed_ratio'] > 0
+    ddp_baseline = results['steps']['ddp']['runs']['train_gpu_2']  # the default run, at the same settings
+    assert ddp_baseline == {k: v for k, v in runs['train_gpu_2 default'].items() if k != 'classify_on_cpu'}
     assert text.rstrip().endswith('result: all steps OK')
     logs = sorted(p.name for p in (tmp_path / 'out' / 'logs').iterdir())
-    assert logs[:2] == ['benchmark-128.log', 'benchmark-64.log']
+    assert logs == ['benchmark-128.log', 'benchmark-64.log', 'ddp-1.log', 'gpu1-1-epoch.log', 'gpu2-default.log',
+                    'gpu2-fast.log', 'test-gpu2-default.log', 'test-gpu2-fast.log', 'tests.log']
 
 
-def test_a_failing_step_is_reported_and_the_exit_code_says_so(cifar_dir, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / 'gpu_check.py'), '--data-dir', cifar_dir, '--out',
-                             tmp_path / 'out', '--device', 'cpu', '--only', 'tests',
-                             '--pytest', 'tests/does_not_exist.py'], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 1
-    assert 'tests: FAILED' in result.stdout and 'result: FAILED: tests' in result.stdout
+@pytest.mark.parametrize('default_run', [None, {'ok': False}, {'ok': True, 'images_per_second': 200}])
+def test_the_ddp_step_trains_its_own_baseline_unless_the_default_run_is_there(default_run, tmp_path, monkeypatch):
+    check = gpu_check_for(tmp_path)
+    check.default_run, trained = default_run, []
+
+    def train(name, script, *flags, launcher=None):
+        trained.append((name, script, *flags))
+        return {'ok': True, 'images_per_second': 100 if launcher is None else 50}
+    monkeypatch.setattr(check, 'train', train)
+    result = check.ddp()
+    own_baseline = ('ddp-baseline', 'train_gpu_2.py', '--epochs', '2', '--device', 'cpu')
+    assert trained == ([] if default_run and default_run['ok'] else [own_baseline]) + \
+        [('ddp-1', 'train_ddp.py', '--epochs', '2', '--device', 'cpu')]
+    assert result['ddp_speed_ratio'] == (0.25 if default_run and default_run['ok'] else 0.5)
+
+
+def test_a_failing_step_is_reported_and_the_exit_code_says_so(cifar_dir, tmp_path, capsys):
+    argv = ['--data-dir', str(cifar_dir), '--out', str(tmp_path / 'out'), '--device', 'cpu', '--only', 'tests',
+            '--pytest', 'tests/does_not_exist.py']
+    assert script_module('gpu_check.py').main(argv) == 1  # the exit code (see its `run(lambda: sys.exit(...))`)
+    stdout = capsys.readouterr().out
+    assert 'tests: FAILED' in stdout and 'result: FAILED: tests' in stdout
 
 
 @posix_only  # (process groups)
@@ -103,6 +121,6 @@ def alive(pid: int) -> bool:
 def test_bad_arguments_are_one_line(tmp_path):
     result = run_script('gpu_check.py', '--data-dir', tmp_path / 'none', '--out', tmp_path, cwd=tmp_path, check=False)
     assert_clean_error(result, '--data-dir', 'is not a folder', 'leave --data-dir out')
-    result = run_script('gpu_check.py', '--data-dir', tmp_path, '--out', tmp_path, '--only', 'bogus', cwd=tmp_path,
-                        check=False)
+    result = run_main('gpu_check.py', '--data-dir', tmp_path, '--out', tmp_path, '--only', 'bogus', cwd=tmp_path,
+                      check=False)  # (in this process: the same handler turns it into one line)
     assert_clean_error(result, '--only bogus')

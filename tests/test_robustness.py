@@ -137,7 +137,7 @@ def test_kill_9_during_and_right_after_checkpoint_writes(cifar_dir, tmp_path):
     flags = ('--epochs', 8, '--batch-size', 100, '--lr', 0.02, '--precision', 'fp32', '--data-dir', cifar_dir)
     run_main('train.py', *flags, '--checkpoint-dir', 'reference', '--log-dir', 'reference-logs', cwd=tmp_path)
     model_dir, kills, cut_short = tmp_path / 'model', [], 0
-    for attempt in range(4):
+    for attempt in range(2):  # a kill during a write, then one right after a write
         resume = ('--resume',) if (model_dir / 'last.pth').exists() else ()
         process = start_script('train.py', *flags, *resume, cwd=tmp_path)
         last_write = (model_dir / 'last.pth').stat().st_mtime_ns if resume else None
@@ -157,7 +157,7 @@ def test_kill_9_during_and_right_after_checkpoint_writes(cifar_dir, tmp_path):
     run_main('train.py', *flags, '--resume', cwd=tmp_path)  # the killed runs' lock did not survive them
     assert same_weights(model_dir / 'model_7.pth', tmp_path / 'reference' / 'model_7.pth')
     print(f'kills: {kills}; writes cut short: {cut_short}')  # shown with pytest -s
-    assert kills == ['during', 'after', 'during', 'after']
+    assert kills == ['during', 'after']
 
 
 def test_divergence_stops_with_a_clear_message_and_keeps_earlier_checkpoints(trained, cifar_dir, tmp_path):
