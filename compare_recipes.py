@@ -8,6 +8,10 @@ kept for a look); a finished run is not repeated, so an interrupted comparison c
 With a constant learning rate (the tutorial recipe) the accuracy after k epochs does not depend on how
 many epochs were planned, so one run of the longest length gives every row; a schedule needs one run per
 length. Time is the training and evaluation time the run logged (start-up excluded).
+
+It also draws test accuracy against epochs into --plot (a PNG; matplotlib needed, only here): for each recipe
+the mean over the seeds of its longest runs' curves, their spread (min to max) shaded, and the final accuracy
+of each shorter run of a scheduled recipe as a point with its spread.
 """
 import argparse
 import statistics
@@ -67,17 +71,22 @@ def main(argv=None):
                    help='evaluate on this many held-out training images instead of test/ (for tuning)')
     p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto')
     p.add_argument('--out', default='recipe-runs', help='where the runs go (default: recipe-runs)')
+    p.add_argument('--plot', default=None,
+                   help="the PNG of accuracy against epochs (default: OUT/recipes.png; 'none': no picture)")
     args = p.parse_args(argv)
 
     split = f'{args.val_size} held-out training images' if args.val_size else 'test split'
     rows = [f'| recipe | epochs | seeds | {split}: mean ± std | min – max | time per run |',
             '|---|---:|---|---:|---:|---:|']
+    curves = {}  # recipe -> planned epochs -> one accuracy curve (fractions) per seed
     for recipe in args.recipes:
         constant = RECIPES[recipe]['schedule'] == 'constant'
         for epochs in sorted(args.epochs):
             results = []
             for seed in args.seeds:
-                accuracy, elapsed = curve(train(recipe, max(args.epochs) if constant else epochs, seed, args))
+                planned = max(args.epochs) if constant else epochs
+                accuracy, elapsed = curve(train(recipe, planned, seed, args))
+                curves.setdefault(recipe, {}).setdefault(planned, {})[seed] = accuracy
                 results.append((accuracy[epochs - 1] * 100, elapsed[epochs - 1]))
             accuracies = [a for a, _ in results]
             spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
@@ -87,6 +96,44 @@ def main(argv=None):
                         f'{statistics.mean(s for _, s in results):.0f} s |')
             print(rows[-1], flush=True)
     print('\n'.join(rows))
+    if args.plot != 'none':
+        path = Path(args.plot or Path(args.out) / 'recipes.png')
+        try:
+            draw(curves, path, split)
+            print(f'accuracy against epochs: {path}')
+        except ImportError:
+            print('no picture drawn: it needs matplotlib (python -m pip install matplotlib)')
+
+
+def draw(curves: dict, path: Path, split: str):
+    """The picture: per recipe, the mean curve of its longest runs over the seeds with their min-max spread
+    shaded, and each shorter run's final accuracy (mean, min-max bar). Returns the matplotlib Figure."""
+    from matplotlib.figure import Figure  # (no pyplot: no window, no GUI toolkit, on any machine)
+    figure = Figure(figsize=(7, 4.5), layout='constrained')
+    axes = figure.subplots()
+    for recipe, runs in curves.items():
+        longest = max(runs)
+        by_epoch = list(zip(*runs[longest].values()))  # per epoch, one accuracy per seed
+        epochs = range(1, longest + 1)
+        mean = [100 * statistics.mean(values) for values in by_epoch]
+        line, = axes.plot(epochs, mean, label=f'{recipe} ({longest} epochs, mean of {len(runs[longest])} seeds)')
+        axes.fill_between(epochs, [100 * min(v) for v in by_epoch], [100 * max(v) for v in by_epoch],
+                          color=line.get_color(), alpha=0.2, linewidth=0)
+        for planned in sorted(runs)[:-1]:  # a scheduled recipe's shorter runs: a point at their end
+            final = [100 * accuracy[planned - 1] for accuracy in runs[planned].values()]
+            centre = statistics.mean(final)
+            axes.errorbar([planned], [centre], yerr=[[centre - min(final)], [max(final) - centre]], fmt='o',
+                          color=line.get_color(), capsize=3)
+            axes.annotate(f'{planned}-epoch run', (planned, centre), textcoords='offset points', xytext=(6, -12),
+                          fontsize=8, color=line.get_color())
+    axes.set_xlabel('epochs')
+    axes.set_ylabel(f'accuracy on the {split} (%)')
+    axes.set_title('MyModel on CIFAR-10: the tutorial\'s recipe and --recipe fast')
+    axes.grid(alpha=0.3)
+    axes.legend(loc='lower right')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return figure
 
 
 if __name__ == '__main__':

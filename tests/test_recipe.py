@@ -1,9 +1,11 @@
 """--recipe fast: its ingredients one by one, and a real run whose checkpoints test.py uses as trained."""
 import json
 import math
+import sys
 from argparse import Namespace
 
 import pytest
+from PIL import Image
 import torch
 from torch import nn
 
@@ -216,10 +218,41 @@ def test_compare_recipes_reports_what_the_runs_logged(cifar_dir, tmp_path):
     """A constant-rate recipe is run once at the longest length and read at every length asked for."""
     result = run_main('compare_recipes.py', '--data-dir', cifar_dir, '--recipes', 'tutorial', '--epochs', 1, 2,
                       '--seeds', 0, '--device', 'cpu', '--out', tmp_path / 'runs', cwd=tmp_path)
-    assert sorted(p.name for p in (tmp_path / 'runs').iterdir()) == ['tutorial-2ep-seed0']
+    assert sorted(p.name for p in (tmp_path / 'runs').iterdir()) == ['recipes.png', 'tutorial-2ep-seed0']
     logged = [v for _, v in scalars(tmp_path / 'runs' / 'tutorial-2ep-seed0' / 'logs' / 'run', 'test_accuracy')]
     rows = [line for line in result.stdout.splitlines() if line.startswith('| tutorial |')]
     assert [row.split('|')[4].split('%')[0].strip() for row in rows[-2:]] == [f'{100 * v:.2f}' for v in logged]
     again = run_main('compare_recipes.py', '--data-dir', cifar_dir, '--recipes', 'tutorial', '--epochs', 1, 2,
                      '--seeds', 0, '--device', 'cpu', '--out', tmp_path / 'runs', cwd=tmp_path)
-    assert '...' not in again.stdout and again.stdout.splitlines()[-2:] == result.stdout.splitlines()[-2:]
+    assert '...' not in again.stdout and again.stdout.splitlines()[-4:-1] == result.stdout.splitlines()[-4:-1]
+    assert result.stdout.splitlines()[-1] == f'accuracy against epochs: {tmp_path / "runs" / "recipes.png"}'
+    with Image.open(tmp_path / 'runs' / 'recipes.png') as picture:
+        assert picture.format == 'PNG' and picture.size == (700, 450)
+
+
+def test_the_picture_shows_each_recipes_mean_and_spread_and_its_shorter_runs(tmp_path):
+    curves = {'tutorial': {3: {0: [0.2, 0.3, 0.4], 1: [0.4, 0.5, 0.6]}},  # one constant-rate run per seed
+              'fast': {2: {0: [0.5, 0.6], 1: [0.7, 0.8]}, 3: {0: [0.6, 0.7, 0.9], 1: [0.6, 0.7, 0.7]}}}
+    figure = script_module('compare_recipes.py').draw(curves, tmp_path / 'plot' / 'recipes.png', 'test split')
+    axes = figure.axes[0]
+    lines = {line.get_label().split()[0]: line for line in axes.lines if not line.get_label().startswith('_')}
+    assert list(lines['tutorial'].get_xdata()) == [1, 2, 3] and list(lines['fast'].get_xdata()) == [1, 2, 3]
+    assert list(lines['tutorial'].get_ydata()) == pytest.approx([30, 40, 50])
+    assert list(lines['fast'].get_ydata()) == pytest.approx([60, 70, 80])  # the 3-epoch runs' curve
+    spreads = [band.get_paths()[0].vertices[:, 1] for band in axes.collections if band.get_paths()
+               and len(band.get_paths()[0].vertices) > 2]
+    assert sorted((min(v), max(v)) for v in spreads) == pytest.approx([(20, 60), (60, 90)])  # min .. max shaded
+    point = [line for line in axes.lines if list(line.get_xdata()) == [2] and line.get_marker() == 'o']
+    # (the 2-epoch runs, at 60 and 80 %: their mean, and a bar from min to max)
+    assert len(point) == 1 and list(point[0].get_ydata()) == pytest.approx([70])
+    assert 'test split' in axes.get_ylabel() and (tmp_path / 'plot' / 'recipes.png').is_file()
+
+
+def test_without_matplotlib_the_comparison_still_prints_its_table(cifar_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # (import matplotlib... then raises ImportError)
+    monkeypatch.setitem(sys.modules, 'matplotlib.figure', None)
+    result = run_main('compare_recipes.py', '--data-dir', cifar_dir, '--recipes', 'tutorial', '--epochs', 1,
+                      '--seeds', 0, '--device', 'cpu', '--out', tmp_path / 'runs', cwd=tmp_path)
+    assert result.stdout.splitlines()[-2].startswith('| tutorial | 1 | 0 |')
+    assert result.stdout.splitlines()[-1] == 'no picture drawn: it needs matplotlib (python -m pip install matplotlib)'
+    assert not (tmp_path / 'runs' / 'recipes.png').exists()
