@@ -1,5 +1,6 @@
 """A tutorial learner's first day: the whole-model .pth files the lessons save, refused files, --explain,
 python model.py, fp16 on GPUs without bf16."""
+import re
 import subprocess
 import sys
 import unittest.mock
@@ -276,3 +277,30 @@ def test_fp16_is_refused_in_one_line_where_autocast_cannot_do_it(tmp_path):
     with pytest.raises(UserError, match='--precision fp16 is not supported on mps'):
         autocast_dtype('fp16', torch.device('mps'))
     assert_clean_error(run_script('train.py', '--precision', 'fp64', cwd=tmp_path, check=False), 'fp64')
+
+
+LEARNER_FILES = ['model.py', 'train.py', 'train_gpu_1.py', 'train_gpu_2.py', 'train_ddp.py', 'test.py']
+REQUIRED = {'torch', 'torchvision', 'PIL', 'numpy', 'tensorboard', 'tqdm'}  # requirements.txt, by import name
+
+
+STDLIB = getattr(sys, 'stdlib_module_names', None)  # (Python 3.10 on)
+
+
+@pytest.mark.skipif(STDLIB is None, reason='needs Python 3.10 to tell the standard library')
+def test_training_and_test_py_import_only_what_requirements_txt_installs():
+    """matplotlib and the other development requirements are for the developer tools only."""
+    import ast
+    files = [ROOT / name for name in LEARNER_FILES] + sorted((ROOT / 'training').glob('*.py'))
+    outside = {}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for name in names:
+                top = name.split('.')[0]
+                if top not in REQUIRED | {'model', 'training'} and top not in STDLIB:
+                    outside.setdefault(top, []).append(path.name)
+    assert outside == {}
+    listed = {re.split(r'[<>=; ]', line)[0] for line in (ROOT / 'requirements.txt').read_text().splitlines()
+              if line and not line.startswith('#')}
+    assert listed == {'torch', 'torchvision', 'pillow', 'numpy', 'tensorboard', 'tqdm'}
