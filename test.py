@@ -159,8 +159,10 @@ def main(argv=None):
     checkpoint = load_checkpoint(checkpoint_path, device)
     model = build_model(checkpoint['model'], source=str(checkpoint_path))
     classes = class_names(checkpoint, model.model[-1].out_features)
-    tta = args.tta if args.tta is not None else bool(checkpoint.get('config', {}).get('tta'))
-    net = inference_net(model, checkpoint.get('normalize'), tta).to(device)  # normalisation, model, mirror
+    config = checkpoint.get('config', {})
+    tta = args.tta if args.tta is not None else bool(config.get('tta'))
+    shift = config.get('tta_shift', 0) if tta else 0  # (the views the checkpoint was evaluated with)
+    net = inference_net(model, checkpoint.get('normalize'), tta, shift).to(device)  # normalisation, model, views
     if args.eval:
         how = evaluation_settings(checkpoint, args.precision)
         report = evaluation_report(net, classes, load_data(args.data_dir), device, str(checkpoint_path), how)
@@ -174,12 +176,14 @@ def main(argv=None):
         explained = write_explanations(model.cpu(), normalize, pictures, images, predictions, args.explain)
     if args.json:
         print(json_text({'checkpoint': str(checkpoint_path), 'device': str(device), 'classes': classes,
-                         'normalize': checkpoint.get('normalize'), 'tta': tta, 'predictions': predictions}))
+                         'normalize': checkpoint.get('normalize'), 'tta': tta, 'tta_shift': shift,
+                         'predictions': predictions}))
         return
     about = f', epoch {checkpoint["epoch"] + 1}, test accuracy {checkpoint["test_accuracy"]:.1%}' \
         if checkpoint.get('test_accuracy') is not None else ''
     extras = ''.join(['; normalised as in training' if checkpoint.get('normalize') else '',
-                      '; with its mirror image (TTA)' if tta else ''])
+                      (f'; with its mirror image and copies moved {shift} px (TTA)' if shift else
+                       '; with its mirror image (TTA)') if tta else ''])
     whole = checkpoint.get('whole_model')
     kind = f'a whole {whole["class"]} model as the lessons save it, its weights read without running its code; ' \
         if whole else ''

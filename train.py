@@ -21,7 +21,7 @@ from training.device import Autocast, use_fast_paths
 from training.folders import CheckpointFolder
 from training.meters import TestMeter, TrainMeter
 from training.progress import restore
-from training.recipe import clip_gradients, lr_schedule, make_optimizer, set_learning_rate
+from training.recipe import clip_gradients, lr_schedule, make_optimizer, set_learning_rate, test_time_average
 from training.settings import training_settings
 from training.setup_check import setup_report
 from training.signals import GracefulStop
@@ -98,8 +98,8 @@ def main(argv=None):
                 for images, targets in test_batches:
                     with autocast():
                         outputs = model(images)
-                        if args.tta:  # --tta: average with the scores of the mirror image
-                            outputs = (outputs + model(images.flip(3))) / 2
+                        if args.tta:  # --tta: the mean over the image, its mirror image (--tta-shift: moved copies)
+                            outputs = test_time_average(model, images, outputs, args.tta_shift, test_batches.black)
                         loss = test_loss_fn(outputs, targets)
                     tester.add(loss, outputs, targets)
             test = tester.result()  # mean loss per image, accuracy, confusion matrix

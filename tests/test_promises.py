@@ -402,12 +402,28 @@ def test_best_pth_is_the_best_epoch_when_later_ones_are_worse(script, tmp_path):
 
 
 def test_the_mirror_average_of_a_mirror_symmetric_image_is_its_own_score():
-    from training.recipe import FlipAverage
+    from training.recipe import ViewAverage
     torch.manual_seed(0)
     model = MyModel().eval()
     images = torch.from_numpy(mirror_symmetric(noise(2, 3))).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
-        assert torch.equal(FlipAverage(model)(images), model(images))
+        assert torch.equal(ViewAverage(model)(images), model(images))
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_tta_shift_adds_shifted_views_and_test_py_scores_with_the_checkpoints_views(script, train, tmp_path):
+    """The same training, tested with --tta and with --tta --tta-shift 1: another test loss. test.py --eval of
+    each run's checkpoint (normalised, so a black border is not 0) gives that run's own test loss: it takes
+    the views the checkpoint was tested with."""
+    runs = {shift: train(script, 'noise', '--tta', '--normalize', '--tta-shift', shift) for shift in (0, 1)}
+    assert identical(weights(runs[0]), weights(runs[1]))
+    losses = {shift: logged(work, 'test_loss')[0] for shift, work in runs.items()}
+    assert losses[0] != losses[1]
+    for shift, work in runs.items():
+        checkpoint = work / 'model' / 'best.pth'
+        assert load_weights(checkpoint)['config']['tta_shift'] == shift
+        assert evaluation(checkpoint, train.folders['noise'], cwd=tmp_path)['loss'] == \
+            pytest.approx(losses[shift], rel=1e-5)
 
 
 def test_each_epoch_of_the_history_holds_that_epochs_figures(folders, tmp_path):

@@ -12,9 +12,11 @@ from torch import nn
 from conftest import CLASSES, CPU, ROOT, fails_cleanly, load_weights, run_main, scalars, script_module
 from model import MyModel
 from training.data import CIFAR10  # torchvision's loader, without the MD5 check of the official files
-from training.recipe import (RECIPES, ByLength, FlipAverage, Normalize, channel_stats, inference_net, lr_schedule,
+from training.recipe import (RECIPES, ByLength, Normalize, ViewAverage, channel_stats, inference_net, lr_schedule,
                              make_optimizer)
 from training.settings import training_settings
+
+CPU_DEVICE = torch.device('cpu')
 
 FAST = ('--recipe', 'fast', '--epochs', 2, '--batch-size', 16, '--lr', 0.02,  # 0.05 is for batches of 128
         '--log-interval', 5, '--precision', 'fp32')
@@ -35,7 +37,8 @@ def test_a_recipe_fills_only_the_flags_not_given():
     args = parse('--recipe', 'fast', '--lr', 0.02, '--no-flip', '--crop-padding', 0)
     assert (args.lr, args.flip, args.crop_padding) == (0.02, False, 0)
     assert {k: getattr(args, k) for k in RECIPES['fast'] if k not in ('lr', 'flip', 'crop_padding')} == \
-        {k: v for k, v in RECIPES['fast'].items() if k not in ('lr', 'flip', 'crop_padding')}
+        {k: v(args) if isinstance(v, ByLength) else v for k, v in RECIPES['fast'].items()
+         if k not in ('lr', 'flip', 'crop_padding')}
     assert parse('--momentum', 0.9, '--nesterov').nesterov  # an ingredient on its own, tutorial otherwise
 
 
@@ -44,6 +47,14 @@ def test_fast_crops_only_runs_long_enough_to_profit_from_them():
     assert parse('--recipe', 'fast', '--epochs', from_epochs - 1).crop_padding == 0
     assert parse('--recipe', 'fast', '--epochs', from_epochs).crop_padding == 4
     assert parse('--recipe', 'fast', '--epochs', 3, '--crop-padding', 2).crop_padding == 2  # a flag given wins
+
+
+def test_fast_tests_on_shifted_views_from_the_run_length_on_which_it_trains_on_crops():
+    """A net trained without crops has never seen a moved image: shifted views would only mislead it."""
+    for epochs in (3, 14, 15, 30):
+        args = parse('--recipe', 'fast', '--epochs', epochs)
+        assert (args.tta_shift > 0) == (args.crop_padding > 0)
+    assert parse('--recipe', 'fast', '--epochs', 30, '--tta-shift', 2).tta_shift == 2
 
 
 def test_a_default_that_depends_on_the_length_of_the_run_says_so_in_the_help():
@@ -113,8 +124,42 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
     torch.manual_seed(0)
     model, images = MyModel().eval(), torch.rand(4, 3, 32, 32)
     expected = (model(images) + model(torch.flip(images, [3]))) / 2
-    assert torch.allclose(FlipAverage(model)(images), expected)
+    assert torch.allclose(ViewAverage(model)(images), expected)
     assert inference_net(model) is model  # the tutorial's checkpoints: nothing added
+
+
+@pytest.mark.parametrize('shift', [1, 2])
+def test_shifted_views_are_what_the_training_crops_show(shift):
+    """--tta-shift's views: the image moved `shift` pixels right and left, each also mirrored, are the crops
+    and mirrors training makes of the image padded by `shift` (an offset of 0 or 2 * shift, the middle row)."""
+    from training.recipe import augment, test_time_views
+    images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    views = test_time_views(images.permute(0, 3, 1, 2).float(), shift)
+    assert len(views) == 6
+    crops = [augment(images, torch.tensor([[shift, column, mirror]] * 3), shift).permute(0, 3, 1, 2).float()
+             for column, mirror in ((shift, 0), (shift, 1), (0, 0), (0, 1), (2 * shift, 0), (2 * shift, 1))]
+    for view, crop in zip(views, crops):
+        assert torch.equal(view, crop)
+    assert len(test_time_views(images.permute(0, 3, 1, 2).float(), 0)) == 2
+
+
+def test_shifted_views_of_normalised_batches_score_as_test_py_scores_the_pictures():
+    """The scripts test normalised batches and fill the uncovered columns with a black pixel as normalised
+    (Batches.black); test.py moves the pictures themselves and normalises after: the same scores."""
+    from training.batches import TensorBatches
+    from training.recipe import test_time_average
+    torch.manual_seed(0)
+    model, pictures = MyModel().eval(), torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
+    stats = {'mean': [0.5, 0.4, 0.3], 'std': [0.2, 0.25, 0.3]}
+    batches = TensorBatches(pictures, torch.zeros(5, dtype=torch.long), 5, CPU_DEVICE, channels_last=False)
+    batches.set_normalization(stats, CPU_DEVICE)
+    (images, _), = list(batches)
+    with torch.no_grad():
+        in_the_scripts = test_time_average(model, images, model(images), 1, batches.black)
+        in_test_py = inference_net(model, stats, tta=True, shift=1)(pictures.permute(0, 3, 1, 2).float() / 255)
+        plain_black = test_time_average(model, images, model(images), 1, 0.0)
+    assert torch.allclose(in_the_scripts, in_test_py, atol=1e-5)
+    assert not torch.allclose(plain_black, in_test_py, atol=1e-3)  # (the case: black is not 0 once normalised)
 
 
 @pytest.fixture(scope='session')

@@ -76,6 +76,7 @@ class Batches:
     def __init__(self, n: int, batch_size: int, channels_last: bool):
         self.n, self.batch_size, self.channels_last = n, batch_size, channels_last
         self.normalize, self._normalize = None, None
+        self.black = 0.0  # a black pixel as the model sees it: what --tta-shift fills uncovered columns with
         self.rank, self.world_size = 0, 1
         self.share_of_batch = 1.0  # this process's fraction of the global batch under way
 
@@ -101,6 +102,7 @@ class Batches:
     def set_normalization(self, stats: dict, device) -> None:
         """--normalize: batches come as (image - mean) / std per channel; ``stats`` go into the checkpoints."""
         self.normalize, self._normalize = stats, Normalize(**stats).to(device)
+        self.black = self._normalize(torch.zeros(1, len(stats['mean']), 1, 1, device=device))  # -mean / std
 
     def __len__(self) -> int:
         """Batches in a whole epoch (the last one may be smaller)."""

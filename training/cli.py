@@ -154,6 +154,9 @@ def recipe_flags(p: ArgumentParser) -> None:
     p.add_argument('--flip', action=switch, help=f'random horizontal mirroring {default("flip")}')
     p.add_argument('--tta', action=switch,
                    help=f'evaluate on each image and its mirror image, averaged {default("tta")}')
+    p.add_argument('--tta-shift', type=non_negative_int, metavar='PIXELS',
+                   help='with --tta, also on copies of each image moved this many pixels right and left (and their '
+                        f'mirror images); 0: none {default("tta_shift")}')
 
 
 def lost_contact(e: BaseException) -> bool:

@@ -30,7 +30,8 @@ def describe_recipe(args) -> str:
              f'gradients clipped to norm {args.clip_grad}' if args.clip_grad else None,
              'normalised inputs' if args.normalize else None,
              f'random crops (padding {args.crop_padding})' if args.crop_padding else None,
-             'random mirroring' if args.flip else None, 'mirror TTA' if args.tta else None]
+             'random mirroring' if args.flip else None,
+             (f'mirror TTA, copies moved {args.tta_shift} px' if args.tta_shift else 'mirror TTA') if args.tta else None]
     return ', '.join(p for p in parts if p)
 
 

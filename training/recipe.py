@@ -23,6 +23,9 @@ give. The model is never changed, so every checkpoint still loads into the tutor
                                         epochs)  and do better without it (measured on a held-out split:
                                                  BENCHMARKS.md)
     --tta                    off        on       evaluate on the image and its mirror image, average
+    --tta-shift              0          1 (0     with --tta, also on copies moved 1 pixel right and left
+                                        under 15 (and their mirror images), as the training crops move
+                                        epochs)  them: 6 views instead of 2; without crops it hurts
 """
 import math
 
@@ -47,10 +50,11 @@ class ByLength:
 RECIPES = {
     'tutorial': dict(batch_size=64, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, schedule='constant',
                      warmup=0.0, label_smoothing=0.0, clip_grad=0.0, normalize=False, crop_padding=0, flip=False,
-                     tta=False),
+                     tta=False, tta_shift=0),
     'fast': dict(batch_size=128, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule='onecycle',
                  warmup=0.2, label_smoothing=0.1, clip_grad=2.0, normalize=True,
-                 crop_padding=ByLength(0, 4, epochs=15), flip=True, tta=True),
+                 crop_padding=ByLength(0, 4, epochs=15), flip=True, tta=True,
+                 tta_shift=ByLength(0, 1, epochs=15)),
 }
 SETTINGS = tuple(RECIPES['tutorial'])
 STATS_SAMPLE = 10_000  # images the normalisation statistics are computed from
@@ -123,22 +127,53 @@ class Normalize(nn.Module):
         return (images - self.mean) / self.std
 
 
-class FlipAverage(nn.Module):
-    """Test-time augmentation: the mean of the logits for the image and for its mirror image."""
+def shifted(images: torch.Tensor, dx: int, black) -> torch.Tensor:
+    """N x C x H x W images moved ``dx`` pixels right (left if negative), the uncovered columns ``black``
+    (a number, or a 1 x C x 1 x 1 tensor): what a training crop of the padded image shows."""
+    if isinstance(black, torch.Tensor):  # (already on the device: no copy from the CPU, which would sync a GPU)
+        out = torch.empty_like(images).copy_(black.expand_as(images))
+    else:
+        out = torch.full_like(images, black)
+    width = images.shape[3]
+    out[..., max(dx, 0):width + min(dx, 0)] = images[..., max(-dx, 0):width + min(-dx, 0)]
+    return out
 
-    def __init__(self, model: nn.Module):
+
+def test_time_views(images: torch.Tensor, shift: int = 0, black=0.0) -> list:
+    """--tta's views of a batch: the images and their mirror images; with ``shift``, also the images moved
+    ``shift`` pixels right and left, each mirrored too."""
+    views = [images, images.flip(3)]
+    for dx in ((shift, -shift) if shift else ()):
+        moved = shifted(images, dx, black)
+        views += [moved, moved.flip(3)]
+    return views
+
+
+def test_time_average(model: nn.Module, images: torch.Tensor, outputs: torch.Tensor, shift: int = 0, black=0.0):
+    """--tta in the scripts' test loop: the mean of the scores of every view (``outputs``: the first view's,
+    already computed)."""
+    views = test_time_views(images, shift, black)
+    for view in views[1:]:
+        outputs = outputs + model(view)
+    return outputs / len(views)
+
+
+class ViewAverage(nn.Module):
+    """Test-time augmentation: the mean of the logits for every view of the image (see test_time_views)."""
+
+    def __init__(self, model: nn.Module, shift: int = 0):
         super().__init__()
-        self.model = model
+        self.model, self.shift = model, shift
 
     def forward(self, images):
-        return (self.model(images) + self.model(images.flip(3))) / 2
+        return test_time_average(self.model, images, self.model(images), self.shift)  # (black: 0 before Normalize)
 
 
-def inference_net(model: nn.Module, normalize=None, tta: bool = False) -> nn.Module:
-    """What a checkpoint's images go through: its normalisation (if any), then the model, mirrored too
-    with ``tta``. ``normalize`` is the checkpoint's {'mean': [...], 'std': [...]}."""
+def inference_net(model: nn.Module, normalize=None, tta: bool = False, shift: int = 0) -> nn.Module:
+    """What a checkpoint's images go through: its normalisation (if any), then the model, mirrored (and moved by
+    ``shift`` pixels) too with ``tta``. ``normalize`` is the checkpoint's {'mean': [...], 'std': [...]}."""
     net = nn.Sequential(Normalize(**normalize), model) if normalize else model
-    return FlipAverage(net) if tta else net
+    return ViewAverage(net, shift) if tta else net
 
 
 def channel_stats(images: torch.Tensor) -> dict:
