@@ -281,8 +281,6 @@ def test_fp16_is_refused_in_one_line_where_autocast_cannot_do_it(tmp_path):
 
 LEARNER_FILES = ['model.py', 'train.py', 'train_gpu_1.py', 'train_gpu_2.py', 'train_ddp.py', 'test.py']
 REQUIRED = {'torch', 'torchvision', 'PIL', 'numpy', 'tensorboard', 'tqdm'}  # requirements.txt, by import name
-
-
 STDLIB = getattr(sys, 'stdlib_module_names', None)  # (Python 3.10 on)
 
 
