@@ -130,10 +130,8 @@ class Normalize(nn.Module):
 def shifted(images: torch.Tensor, dx: int, black) -> torch.Tensor:
     """N x C x H x W images moved ``dx`` pixels right (left if negative), the uncovered columns ``black``
     (a number, or a 1 x C x 1 x 1 tensor): what a training crop of the padded image shows."""
-    if isinstance(black, torch.Tensor):  # (already on the device: no copy from the CPU, which would sync a GPU)
-        out = torch.empty_like(images).copy_(black.expand_as(images))
-    else:
-        out = torch.full_like(images, black)
+    out = torch.empty_like(images)
+    out[...] = black  # (a fill, or a broadcast from a tensor already on the device: no copy from the CPU)
     width = images.shape[3]
     out[..., max(dx, 0):width + min(dx, 0)] = images[..., max(-dx, 0):width + min(-dx, 0)]
     return out
