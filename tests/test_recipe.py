@@ -61,6 +61,10 @@ def test_a_default_that_depends_on_the_length_of_the_run_says_so_in_the_help():
     default = ByLength('light', 'strong', epochs=15)
     assert [default(Namespace(epochs=e)) for e in (1, 14, 15, 30)] == ['light', 'light', 'strong', 'strong']
     assert str(default) == 'strong from 15 epochs on, light below'
+    three = ByLength(ByLength('none', 'light', epochs=5), 'strong', epochs=15)
+    assert [three(Namespace(epochs=e)) for e in (1, 4, 5, 14, 15, 30)] == ['none', 'none', 'light', 'light',
+                                                                            'strong', 'strong']
+    assert str(three) == 'strong from 15 epochs on, light from 5 epochs on, none below'
 
 
 @pytest.mark.parametrize('argv, fragments', [

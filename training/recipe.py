@@ -35,16 +35,19 @@ from torch.nn import functional as F
 
 
 class ByLength:
-    """A default that depends on the length of the run: ``long`` from ``epochs`` epochs on, else ``short``."""
+    """A default that depends on the length of the run: ``long`` from ``epochs`` epochs on, else ``short``
+    (itself a ByLength for a third length)."""
 
     def __init__(self, short, long, epochs: int):
         self.short, self.long, self.epochs = short, long, epochs
 
     def __call__(self, args):
-        return self.long if args.epochs >= self.epochs else self.short
+        value = self.long if args.epochs >= self.epochs else self.short
+        return value(args) if isinstance(value, ByLength) else value
 
     def __str__(self):
-        return f'{self.long} from {self.epochs} epochs on, {self.short} below'
+        below = self.short if isinstance(self.short, ByLength) else f'{self.short} below'
+        return f'{self.long} from {self.epochs} epochs on, {below}'
 
 
 RECIPES = {
