@@ -155,6 +155,30 @@ def test_weight_decay_pulls_the_weights_toward_zero_but_not_the_biases(script, t
 
 
 @pytest.mark.parametrize('script', TWO_SCRIPTS)
+def test_muon_orthogonalises_the_steps_of_the_kernels_and_first_linear_layer_and_leaves_the_rest_to_sgd(script, train):
+    """The plain run's step is -lr * g. With --muon-lr 0.01 each kernel's and the first linear layer's step is
+    0.01 times the orthogonal matrix nearest to g (g's few directions, one batch's, each with a singular value
+    near 1); the classifier and the biases step as in the plain run; --muon-decay pulls only the weights Muon
+    steps, by 0.01 * decay * w further."""
+    w0, plain = initial_weights(), weights(train(script))
+    muon = weights(train(script, 'noise', '--muon-lr', 0.01))
+    decayed = weights(train(script, 'noise', '--muon-lr', 0.01, '--muon-decay', 0.5))
+    for name, start in w0.items():
+        if name in ('model.0.weight', 'model.2.weight', 'model.4.weight', 'model.7.weight'):
+            step, gradient = [((start - w) / lr).reshape(len(start), -1)
+                              for w, lr in ((muon[name], 0.01), (plain[name], LR))]
+            u, s, vh = torch.linalg.svd(gradient.double(), full_matrices=False)
+            rank = int((s > s[0] / 100).sum())  # (one batch of 12 images of 3 classes: few directions)
+            values = torch.linalg.svdvals(step)
+            assert values[:rank].min() > 0.65 and values[:rank].max() < 1.25 and (values[rank:] < 0.1).all(), name
+            nearest = u[:, :rank] @ vh[:rank]
+            assert torch.cosine_similarity(nearest.flatten(), step.double().flatten(), dim=0) > 0.97, name
+            assert torch.allclose(decayed[name] - muon[name], -0.01 * 0.5 * start, atol=1e-6), name
+        else:
+            assert torch.allclose(muon[name], plain[name], atol=1e-7) and torch.equal(decayed[name], muon[name]), name
+
+
+@pytest.mark.parametrize('script', TWO_SCRIPTS)
 def test_nesterov_and_momentum_change_the_steps_as_defined(script, train):
     """Nesterov's first step is g + momentum * g; plain momentum's first step is plain SGD's, and its second adds
     momentum times the first."""

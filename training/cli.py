@@ -139,6 +139,11 @@ def recipe_flags(p: ArgumentParser) -> None:
     p.add_argument('--nesterov', action=switch, help=f'Nesterov momentum {default("nesterov")}')
     p.add_argument('--weight-decay', type=non_negative_float,
                    help=f'L2 penalty on weights (not biases) {default("weight_decay")}')
+    p.add_argument('--muon-lr', type=non_negative_float, metavar='LR',
+                   help='the kernels and first linear layer step by Muon (orthogonalised momentum) at this peak rate '
+                        f'instead of by SGD; 0: SGD for every weight {default("muon_lr")}')
+    p.add_argument('--muon-decay', type=non_negative_float, metavar='WD',
+                   help=f'with --muon-lr, their weights shrink by lr * WD each step {default("muon_decay")}')
     p.add_argument('--schedule', choices=['constant', 'onecycle', 'cosine'],
                    help='learning rate over the run: constant; onecycle (linear warm-up to --lr, then linear to 0); '
                         f'cosine (warm-up, then a cosine to 0) {default("schedule")}')

@@ -25,6 +25,8 @@ def describe_recipe(args) -> str:
     sgd = f'SGD momentum {args.momentum}{" (Nesterov)" if args.nesterov else ""}' if args.momentum else 'plain SGD'
     parts = [sgd,
              f'weight decay {args.weight_decay}' if args.weight_decay else None,
+             f'Muon for the kernels and first linear layer (lr {args.muon_lr}, decay {args.muon_decay})'
+             if args.muon_lr else None,
              f'{args.schedule} schedule' + (f' ({args.warmup:.0%} warm-up)' if args.warmup else ''),
              f'label smoothing {args.label_smoothing}' if args.label_smoothing else None,
              f'gradients clipped to norm {args.clip_grad}' if args.clip_grad else None,
