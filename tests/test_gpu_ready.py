@@ -135,7 +135,7 @@ def test_the_plain_sgd_under_fp16_waits_every_step(small_data, tmp_path, monkeyp
 
 def test_sgd_is_fused_on_a_gpu_only():
     from argparse import Namespace
-    settings = Namespace(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    settings = Namespace(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, muon_lr=0)
     assert make_optimizer(MyModel(), settings).defaults['fused'] is None  # the CPU's exact results stay
     assert training.recipe.fused_steps(torch.device('cuda')) and not training.recipe.fused_steps(torch.device('cpu'))
 
@@ -161,7 +161,7 @@ def test_checkpoints_hold_cpu_tensors_whatever_device_trained(monkeypatch):
         model = MyModel()  # (no weights drawn: a simulated device has no random numbers to draw them)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device='cuda')
-        optimizer = make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0))
+        optimizer = make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0, muon_lr=0))
         for p in model.parameters():
             optimizer.state[p]['momentum_buffer'] = torch.zeros_like(p)
         assert next(model.parameters()).device.type == 'cuda'

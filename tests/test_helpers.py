@@ -27,7 +27,7 @@ CPU = torch.device('cpu')
 
 def sgd(model):
     """The project's SGD with momentum, so that a restored optimizer has momentum buffers to compare."""
-    return make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0))
+    return make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0, muon_lr=0))
 
 
 def settings(*argv, epochs=10):
@@ -192,7 +192,7 @@ def test_gradient_clipping_and_the_learning_rate():
     assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
     clip_gradients(model, 2.0)
     assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm() == pytest.approx(2.0, rel=1e-4)
-    optimizer = make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4))
+    optimizer = make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4, muon_lr=0))
     set_learning_rate(optimizer, 0.025)
     assert [g['lr'] for g in optimizer.param_groups] == [0.025, 0.025]  # weights and biases alike
 

@@ -107,7 +107,7 @@ def test_weight_decay_shrinks_weights_but_not_biases():
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)).step()
+    make_optimizer(model, Namespace(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, muon_lr=0)).step()
     for name, p in model.named_parameters():
         if name.endswith('bias'):
             assert torch.equal(p, before[name]), name

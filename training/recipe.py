@@ -87,7 +87,7 @@ def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
     kernel and weight matrix but the last layer's steps by Muon instead (below)."""
     weights = [p for p in model.parameters() if p.dim() > 1]
     biases = [p for p in model.parameters() if p.dim() <= 1]
-    if getattr(args, 'muon_lr', 0):
+    if args.muon_lr:
         return Muon([{'params': weights[-1:], 'weight_decay': args.weight_decay},
                      {'params': biases, 'weight_decay': 0.0},
                      {'params': weights[:-1], 'weight_decay': args.muon_decay, 'muon': True,
