@@ -33,7 +33,7 @@ from training.errors import UserError
 from training.paths import project_path
 from training.explain import write_explanations
 from training.files import atomic_save
-from training.recipe import Normalize, inference_net
+from training.recipe import Normalize, describe_views, inference_net, saved_views
 from training.report import evaluation_report, evaluation_settings, format_report
 
 UNSURE = 0.5  # a top probability below this: say that the model is unsure
@@ -135,8 +135,8 @@ def main(argv=None):
                         help="--eval's arithmetic (default: the checkpoint's own, as its training run evaluated)")
     parser.add_argument('--json', action='store_true', help='print one JSON document instead of text')
     parser.add_argument('--tta', action=argparse.BooleanOptionalAction,
-                        help='also look at the mirror image and average (default: as the checkpoint was trained, '
-                             'on for --recipe fast)')
+                        help='also look at the mirror image (and the moved copies, as the checkpoint\'s run was '
+                             'tested) and average (default: as the checkpoint was trained, on for --recipe fast)')
     parser.add_argument('--explain', metavar='DIR',
                         help='also write DIR/<image>.explain.png for each image: the picture, the 32x32 image the '
                              'model gets, a Grad-CAM heat map of where it saw the top class, the top-k bars')
@@ -161,8 +161,8 @@ def main(argv=None):
     classes = class_names(checkpoint, model.model[-1].out_features)
     config = checkpoint.get('config', {})
     tta = args.tta if args.tta is not None else bool(config.get('tta'))
-    shift = config.get('tta_shift', 0) if tta else 0  # (the views the checkpoint was evaluated with)
-    net = inference_net(model, checkpoint.get('normalize'), tta, shift).to(device)  # normalisation, model, views
+    views, shift = (saved_views(config), config.get('tta_shift', 0)) if tta else (1, 0)  # as the run tested
+    net = inference_net(model, checkpoint.get('normalize'), tta, views, shift).to(device)  # normalising, model, views
     if args.eval:
         how = evaluation_settings(checkpoint, args.precision)
         report = evaluation_report(net, classes, load_data(args.data_dir), device, str(checkpoint_path), how)
@@ -176,14 +176,13 @@ def main(argv=None):
         explained = write_explanations(model.cpu(), normalize, pictures, images, predictions, args.explain)
     if args.json:
         print(json_text({'checkpoint': str(checkpoint_path), 'device': str(device), 'classes': classes,
-                         'normalize': checkpoint.get('normalize'), 'tta': tta, 'tta_shift': shift,
-                         'predictions': predictions}))
+                         'normalize': checkpoint.get('normalize'), 'tta': tta, 'tta_views': views,
+                         'tta_shift': shift, 'predictions': predictions}))
         return
     about = f', epoch {checkpoint["epoch"] + 1}, test accuracy {checkpoint["test_accuracy"]:.1%}' \
         if checkpoint.get('test_accuracy') is not None else ''
     extras = ''.join(['; normalised as in training' if checkpoint.get('normalize') else '',
-                      (f'; with its mirror image and copies moved {shift} px (TTA)' if shift else
-                       '; with its mirror image (TTA)') if tta else ''])
+                      f'; with {describe_views(views, shift)} (TTA)' if tta else ''])
     whole = checkpoint.get('whole_model')
     kind = f'a whole {whole["class"]} model as the lessons save it, its weights read without running its code; ' \
         if whole else ''

@@ -98,8 +98,9 @@ def main(argv=None):
                 for images, targets in test_batches:
                     with autocast():
                         outputs = model(images)
-                        if args.tta:  # --tta: the mean over the image, its mirror image (--tta-shift: moved copies)
-                            outputs = test_time_average(model, images, outputs, args.tta_shift, test_batches.black)
+                        if args.tta:  # --tta: the mean over the image and its mirror image (--tta-views: moved copies)
+                            outputs = test_time_average(model, images, outputs, args.tta_views, args.tta_shift,
+                                                        test_batches.black)
                         loss = test_loss_fn(outputs, targets)
                     tester.add(loss, outputs, targets)
             test = tester.result()  # mean loss per image, accuracy, confusion matrix

@@ -435,19 +435,26 @@ def test_the_mirror_average_of_a_mirror_symmetric_image_is_its_own_score():
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
-def test_tta_shift_adds_shifted_views_and_test_py_scores_with_the_checkpoints_views(script, train, tmp_path):
-    """The same training, tested with --tta and with --tta --tta-shift 1: another test loss. test.py --eval of
-    each run's checkpoint (normalised, so a black border is not 0) gives that run's own test loss: it takes
-    the views the checkpoint was tested with."""
-    runs = {shift: train(script, 'noise', '--tta', '--normalize', '--tta-shift', shift) for shift in (0, 1)}
-    assert identical(weights(runs[0]), weights(runs[1]))
-    losses = {shift: logged(work, 'test_loss')[0] for shift, work in runs.items()}
-    assert losses[0] != losses[1]
-    for shift, work in runs.items():
+def test_each_view_set_gives_its_own_test_loss_and_test_py_scores_with_the_checkpoints_views(script, train, tmp_path):
+    """The same training, tested on 2, 3 and 6 views (--tta-views, moved by --tta-shift 1): three test losses.
+    test.py --eval of each run's checkpoint (normalised, so a black border is not 0) gives that run's own test
+    loss: it takes the views the checkpoint was tested on; a checkpoint from before --tta-views (its config
+    without it) on 6 views if it names a --tta-shift, as its run tested."""
+    runs = {views: train(script, 'noise', '--tta', '--normalize', '--tta-views', views, '--tta-shift', 1)
+            for views in (2, 3, 6)}
+    assert identical(weights(runs[2]), weights(runs[3])) and identical(weights(runs[2]), weights(runs[6]))
+    losses = {views: logged(work, 'test_loss')[0] for views, work in runs.items()}
+    assert len(set(losses.values())) == 3
+    for views, work in runs.items():
         checkpoint = work / 'model' / 'best.pth'
-        assert load_weights(checkpoint)['config']['tta_shift'] == shift
+        assert load_weights(checkpoint)['config']['tta_views'] == views
         assert evaluation(checkpoint, train.folders['noise'], cwd=tmp_path)['loss'] == \
-            pytest.approx(losses[shift], rel=1e-5)
+            pytest.approx(losses[views], rel=1e-5)
+    older = load_weights(runs[6] / 'model' / 'best.pth')
+    del older['config']['tta_views']
+    torch.save(older, tmp_path / 'older.pth')
+    assert evaluation(tmp_path / 'older.pth', train.folders['noise'], cwd=tmp_path)['loss'] == \
+        pytest.approx(losses[6], rel=1e-5)
 
 
 def test_each_epoch_of_the_history_holds_that_epochs_figures(folders, tmp_path):

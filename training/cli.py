@@ -158,10 +158,13 @@ def recipe_flags(p: ArgumentParser) -> None:
                    help=f'random crops of the images padded by this many pixels; 0: none {default("crop_padding")}')
     p.add_argument('--flip', action=switch, help=f'random horizontal mirroring {default("flip")}')
     p.add_argument('--tta', action=switch,
-                   help=f'evaluate on each image and its mirror image, averaged {default("tta")}')
+                   help=f'evaluate on several views of each image (--tta-views), averaged {default("tta")}')
+    p.add_argument('--tta-views', type=int, choices=[2, 3, 6],
+                   help='with --tta, the views averaged: 2, the image and its mirror image; 3, the image and its '
+                        'mirror image moved --tta-shift pixels right and left; 6, the image and its mirror image, '
+                        f'each also moved right and left {default("tta_views")}')
     p.add_argument('--tta-shift', type=non_negative_int, metavar='PIXELS',
-                   help='with --tta, also on copies of each image moved this many pixels right and left (and their '
-                        f'mirror images); 0: none {default("tta_shift")}')
+                   help=f'how far --tta-views 3 and 6 move the copies; 0: not at all (2 views) {default("tta_shift")}')
 
 
 def lost_contact(e: BaseException) -> bool:

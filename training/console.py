@@ -4,6 +4,7 @@ import json
 from .distributed import is_main_process
 from .paths import command
 from .platforms import can_show, progress_bar_class, progress_stream, shows_progress
+from .recipe import describe_views
 from .setup_check import setup_problems
 
 
@@ -33,7 +34,7 @@ def describe_recipe(args) -> str:
              'normalised inputs' if args.normalize else None,
              f'random crops (padding {args.crop_padding})' if args.crop_padding else None,
              'random mirroring' if args.flip else None,
-             (f'mirror TTA, copies moved {args.tta_shift} px' if args.tta_shift else 'mirror TTA') if args.tta else None]
+             f'tested on {describe_views(args.tta_views, args.tta_shift)} (TTA)' if args.tta else None]
     return ', '.join(p for p in parts if p)
 
 

@@ -7,7 +7,8 @@ give. The model is never changed, so every checkpoint still loads into the tutor
     --batch-size / --lr      64 / 0.01  128/0.05 momentum multiplies the step by ~10: 0.05 is near the
                                                  largest rate this net (no batch norm) survives
     --momentum / --nesterov  0 / off    0.9 / on averages the noisy gradients; Nesterov looks ahead
-    --weight-decay           0          5e-4     keeps the weights small (not the biases): less overfitting
+    --weight-decay           0          5e-4     keeps the classifier's weights small: less overfitting (the
+                                                 biases have none, Muon's layers --muon-decay)
     --muon-lr / --muon-decay 0 / 0      0.02 /   the kernels and the first linear layer step by Muon: each
                                         0.05     step orthogonalised, so that every direction of a layer
                                                  learns at one pace (this net has no batch norm to even
@@ -26,11 +27,14 @@ give. The model is never changed, so every checkpoint still loads into the tutor
                                         from 5,  fights overfitting in long runs (4 pixels: too much
                                         0 under  with Muon); short runs underfit: 1 pixel is all 5
                                         5)       epochs profit from, 3 lose even by that (BENCHMARKS.md)
-    --tta                    off        on       evaluate on the image and its mirror image, average
-    --tta-shift              0          0        with --tta, also on copies moved 2 pixels right and left (and
-                                                 their mirror images): 6 views instead of 2, +0.4 points after
-                                                 30 epochs, but the evaluation's 4 more passes make an epoch
-                                                 13 % dearer (26 % with CIFAR-10's 10,000 test images): off
+    --tta                    off        on       evaluate on several views of each image, average the logits
+    --tta-views              2          3        the views: the image, and its mirror image moved --tta-shift
+    --tta-shift              0          1 (0     pixels right and left (as a crop of padding 1 shows it): one
+                                        under 5) pass more than the image and its mirror image, +0.4 points
+                                                 after 5 epochs; a net trained without crops is misled by a
+                                                 moved image (-1 point after 3), so shorter runs keep 2 views;
+                                                 6 views (both images, each moved too) cost 3 more passes (13 %
+                                                 of an epoch) for a few tenths more after 30 epochs
 """
 import math
 
@@ -58,11 +62,11 @@ class ByLength:
 RECIPES = {
     'tutorial': dict(batch_size=64, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, schedule='constant',
                      warmup=0.0, label_smoothing=0.0, clip_grad=0.0, normalize=False, crop_padding=0, flip=False,
-                     tta=False, tta_shift=0, muon_lr=0.0, muon_decay=0.0),
+                     tta=False, tta_views=2, tta_shift=0, muon_lr=0.0, muon_decay=0.0),
     'fast': dict(batch_size=128, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule='onecycle',
                  warmup=0.2, label_smoothing=0.1, clip_grad=2.0, normalize=True,
                  crop_padding=ByLength(ByLength(0, 1, epochs=5), 3, epochs=15), flip=True, tta=True,
-                 tta_shift=0, muon_lr=0.02, muon_decay=0.05),
+                 tta_views=3, tta_shift=ByLength(0, 1, epochs=5), muon_lr=0.02, muon_decay=0.05),
 }
 SETTINGS = tuple(RECIPES['tutorial'])
 STATS_SAMPLE = 10_000  # images the normalisation statistics are computed from
@@ -225,20 +229,38 @@ def shifted(images: torch.Tensor, dx: int, black) -> torch.Tensor:
     return out
 
 
-def test_time_views(images: torch.Tensor, shift: int = 0, black=0.0) -> list:
-    """--tta's views of a batch: the images and their mirror images; with ``shift``, also the images moved
-    ``shift`` pixels right and left, each mirrored too."""
-    views = [images, images.flip(3)]
-    for dx in ((shift, -shift) if shift else ()):
-        moved = shifted(images, dx, black)
-        views += [moved, moved.flip(3)]
-    return views
+def test_time_views(images: torch.Tensor, views: int = 2, shift: int = 0, black=0.0) -> list:
+    """--tta's views of a batch (``views`` = --tta-views, ``shift`` = --tta-shift): 2, the images and their mirror
+    images; 3, the images and their mirror images moved ``shift`` pixels right and left; 6, the images and their
+    mirror images, each also moved right and left. With ``shift`` 0 all three are the first two."""
+    mirrored = images.flip(3)
+    if not shift or views == 2:
+        return [images, mirrored]
+    if views == 3:
+        return [images, shifted(mirrored, shift, black), shifted(mirrored, -shift, black)]
+    moved = [shifted(images, dx, black) for dx in (shift, -shift)]
+    return [images, mirrored, moved[0], moved[0].flip(3), moved[1], moved[1].flip(3)]
 
 
-def test_time_average(model: nn.Module, images: torch.Tensor, outputs: torch.Tensor, shift: int = 0, black=0.0):
+def saved_views(config: dict) -> int:
+    """The --tta-views a checkpoint's run was tested with; runs from before the setting had 6 views with a
+    --tta-shift, else 2."""
+    return config.get('tta_views') or (6 if config.get('tta_shift') else 2)
+
+
+def describe_views(views: int, shift: int) -> str:
+    """test_time_views' views in words."""
+    if not shift or views == 2:
+        return 'the image and its mirror image'
+    each = ', each also' if views == 6 else ''
+    return f'the image and its mirror image{each} moved {shift} px right and left'
+
+
+def test_time_average(model: nn.Module, images: torch.Tensor, outputs: torch.Tensor, views: int = 2, shift: int = 0,
+                      black=0.0):
     """--tta in the scripts' test loop: the mean of the scores of every view (``outputs``: the first view's,
-    already computed)."""
-    views = test_time_views(images, shift, black)
+    already computed; see test_time_views)."""
+    views = test_time_views(images, views, shift, black)
     for view in views[1:]:
         outputs = outputs + model(view)
     return outputs / len(views)
@@ -247,19 +269,19 @@ def test_time_average(model: nn.Module, images: torch.Tensor, outputs: torch.Ten
 class ViewAverage(nn.Module):
     """Test-time augmentation: the mean of the logits for every view of the image (see test_time_views)."""
 
-    def __init__(self, model: nn.Module, shift: int = 0):
+    def __init__(self, model: nn.Module, views: int = 2, shift: int = 0):
         super().__init__()
-        self.model, self.shift = model, shift
+        self.model, self.views, self.shift = model, views, shift
 
-    def forward(self, images):
-        return test_time_average(self.model, images, self.model(images), self.shift)  # (black: 0 before Normalize)
+    def forward(self, images):  # (black: 0, as the images are moved before Normalize)
+        return test_time_average(self.model, images, self.model(images), self.views, self.shift)
 
 
-def inference_net(model: nn.Module, normalize=None, tta: bool = False, shift: int = 0) -> nn.Module:
-    """What a checkpoint's images go through: its normalisation (if any), then the model, mirrored (and moved by
-    ``shift`` pixels) too with ``tta``. ``normalize`` is the checkpoint's {'mean': [...], 'std': [...]}."""
+def inference_net(model: nn.Module, normalize=None, tta: bool = False, views: int = 2, shift: int = 0) -> nn.Module:
+    """What a checkpoint's images go through: its normalisation (if any), then the model, on ``views`` views of
+    each image with ``tta`` (see test_time_views). ``normalize`` is the checkpoint's {'mean': [...], 'std': [...]}."""
     net = nn.Sequential(Normalize(**normalize), model) if normalize else model
-    return ViewAverage(net, shift) if tta else net
+    return ViewAverage(net, views, shift) if tta else net
 
 
 def channel_stats(images: torch.Tensor) -> dict:

@@ -16,7 +16,7 @@ from .checkpoint import read_training_state
 from .cli import training_parser
 from .errors import UserError
 from .paths import project_path
-from .recipe import RECIPES, SETTINGS, apply_recipe
+from .recipe import RECIPES, SETTINGS, apply_recipe, saved_views
 
 # what a resumed run keeps from the interrupted one, whatever the command line says
 RESUMED_SETTINGS = ('recipe', *SETTINGS, 'seed', 'val_size', 'precision', 'channels_last', 'log_interval',
@@ -68,7 +68,7 @@ def take_resumed_settings(args, resumed: dict) -> None:
     """--resume: the settings the weights were trained with replace those of the command line."""
     config, path = resumed['config'], resumed['path']
     before_recipes = {'recipe': 'tutorial', 'val_size': 0, 'deterministic': False,  # older checkpoints lack these
-                      **RECIPES['tutorial']}
+                      **RECIPES['tutorial'], 'tta_views': saved_views(config)}
     for key in RESUMED_SETTINGS:
         setattr(args, key, config[key] if key in config else before_recipes[key])
     if args.schedule != 'constant' and args.epochs != config['epochs']:
