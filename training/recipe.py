@@ -260,10 +260,10 @@ def test_time_average(model: nn.Module, images: torch.Tensor, outputs: torch.Ten
                       black=0.0):
     """--tta in the scripts' test loop: the mean of the scores of every view (``outputs``: the first view's,
     already computed; see test_time_views)."""
-    views = test_time_views(images, views, shift, black)
-    for view in views[1:]:
+    every = test_time_views(images, views, shift, black)
+    for view in every[1:]:
         outputs = outputs + model(view)
-    return outputs / len(views)
+    return outputs / len(every)
 
 
 class ViewAverage(nn.Module):
