@@ -229,12 +229,17 @@ def shifted(images: torch.Tensor, dx: int, black) -> torch.Tensor:
     return out
 
 
+def views_used(views: int, shift: int) -> int:
+    """How many views --tta-views ``views`` gives with --tta-shift ``shift``: 0 moves nothing, leaving 2."""
+    return views if shift else 2
+
+
 def test_time_views(images: torch.Tensor, views: int = 2, shift: int = 0, black=0.0) -> list:
     """--tta's views of a batch (``views`` = --tta-views, ``shift`` = --tta-shift): 2, the images and their mirror
     images; 3, the images and their mirror images moved ``shift`` pixels right and left; 6, the images and their
     mirror images, each also moved right and left. With ``shift`` 0 all three are the first two."""
     mirrored = images.flip(3)
-    if not shift or views == 2:
+    if views_used(views, shift) == 2:
         return [images, mirrored]
     if views == 3:
         return [images, shifted(mirrored, shift, black), shifted(mirrored, -shift, black)]
@@ -250,7 +255,7 @@ def saved_views(config: dict) -> int:
 
 def describe_views(views: int, shift: int) -> str:
     """test_time_views' views in words."""
-    if not shift or views == 2:
+    if views_used(views, shift) == 2:
         return 'the image and its mirror image'
     each = ', each also' if views == 6 else ''
     return f'the image and its mirror image{each} moved {shift} px right and left'
