@@ -12,7 +12,8 @@ from conftest import same_length, working_directory, write_cifar10, write_image_
 from torchvision.transforms import functional as TF
 
 from training import batches
-from training.batches import Augmentation, StreamBatches, TensorBatches, cache_key, decode_cached, make_batches
+from training.batches import (Augmentation, StreamBatches, TensorBatches, cache_key, decode_cached, epoch_order,
+                              make_batches)
 from training.data import hold_out, load_data
 from training.distributed import ProcessGroup
 from training.errors import UnreadableImage, UserError
@@ -23,7 +24,7 @@ CPU = torch.device('cpu')
 
 def options(**overrides):
     defaults = dict(loader='memory', batch_size=16, seed=3, num_workers=0, channels_last=True, crop_padding=0,
-                    flip=False)
+                    flip=False, alternate_flip=False)
     return Namespace(**{**defaults, **overrides})
 
 
@@ -92,6 +93,28 @@ def test_augmentation_is_torchvisions_random_crop_and_flip(flip):
     assert set(plan[:, 2].tolist()) == ({0, 1} if flip else {0})
     assert torch.equal(plan, augment_plan(64, 1, 2, 4, flip))  # (seed, epoch) decide it
     assert not torch.equal(plan, augment_plan(64, 1, 3, 4, flip))
+
+
+@pytest.mark.parametrize('loader', ['memory', 'stream'])
+def test_alternate_flip_mirrors_each_image_in_every_other_epoch(data, loader):
+    """--alternate-flip: a random half of the images mirrored in the first epoch, each image mirrored exactly
+    when it was not in the epoch before, wherever the epoch's shuffle puts it; crops stay random."""
+    alternate, _ = make_batches(data, options(flip=True, loader=loader, alternate_flip=True), CPU)
+    plain, _ = make_batches(data, options(flip=True, loader=loader), CPU)
+
+    def mirrored(batches, epoch):  # per image (by its label-order index), whether it came mirrored
+        order = epoch_order(batches.n, 3, epoch)  # (options' seed)
+        shown = torch.cat([x for x, _ in all_batches(batches, epoch)])
+        original = batches.images_at(order)
+        assert all(torch.equal(s, o) or torch.equal(s, o.flip(2)) for s, o in zip(shown, original))
+        flags = torch.tensor([not torch.equal(s, o) for s, o in zip(shown, original)])
+        return torch.empty_like(flags).index_put_((order,), flags)
+
+    epochs = [mirrored(alternate, e) for e in range(3)]
+    assert 0.3 < epochs[0].float().mean() < 0.7
+    assert torch.equal(epochs[1], ~epochs[0]) and torch.equal(epochs[2], epochs[0])
+    at_random = [mirrored(plain, e) for e in range(3)]
+    assert not torch.equal(at_random[1], ~at_random[0])
 
 
 def test_augmentation_happens_on_the_device_the_images_are_on():

@@ -48,6 +48,17 @@ def test_fast_crops_by_3_pixels_in_long_runs_by_1_in_short_ones_and_not_in_the_s
     assert parse('--recipe', 'fast', '--epochs', 3, '--crop-padding', 2).crop_padding == 2  # a flag given wins
 
 
+def test_fast_mirrors_each_image_every_other_epoch_in_runs_of_5_to_14_epochs():
+    """Measured at 5 epochs (a gain) and 3 (a loss); at random elsewhere."""
+    assert [parse('--recipe', 'fast', '--epochs', e).alternate_flip for e in (1, 4, 5, 14, 15, 30)] == \
+        [False, False, True, True, False, False]
+    assert parse('--recipe', 'fast', '--epochs', 30, '--alternate-flip').alternate_flip  # a flag given wins
+    assert not parse('--recipe', 'fast', '--epochs', 5, '--no-alternate-flip').alternate_flip
+    from training.cli import training_parser
+    assert 'fast: off from 15 epochs on, on from 5 epochs on, off below)' in ' '.join(
+        training_parser('train.py', '', 10).format_help().split())
+
+
 def test_fast_tests_on_the_image_and_its_mirror_image_moved_a_pixel_right_and_left_where_it_trains_on_crops():
     """3 views (measured: +0.4 points after 5 epochs for one more pass over the test images) from 5 epochs on,
     where the crops start; the image and its mirror image alone below (moved views cost a 3-epoch run a point).

@@ -73,8 +73,8 @@ def test_a_signal_saves_a_resumable_checkpoint(signum, code, slow_data, referenc
     assert same_weights(tmp_path / 'model' / 'model_1.pth', reference)
 
 
-FAST = ('--recipe', 'fast', '--crop-padding', 4, '--batch-size', 64, '--lr', 0.02, '--epochs', 2, '--precision',
-        'fp32', '--log-interval', 5)  # 16 steps an epoch on the 1,000 images of cifar_dir
+FAST = ('--recipe', 'fast', '--crop-padding', 4, '--alternate-flip', '--batch-size', 64, '--lr', 0.02, '--epochs', 2,
+        '--precision', 'fp32', '--log-interval', 5)  # 16 steps an epoch on the 1,000 images of cifar_dir
 
 
 def test_fast_recipe_resumes_bit_identical_after_an_interrupt(cifar_dir, tmp_path, interrupter):
@@ -85,6 +85,7 @@ def test_fast_recipe_resumes_bit_identical_after_an_interrupt(cifar_dir, tmp_pat
     run_main('train.py', '--data-dir', cifar_dir, '--resume', cwd=tmp_path)  # the settings come from last.pth
     resumed, reference = (load_weights(tmp_path / folder / 'model_1.pth') for folder in ('model', 'reference'))
     assert resumed['normalize'] == reference['normalize'] and resumed['config']['crop_padding'] == 4
+    assert resumed['config']['alternate_flip']  # epoch 2 mirrors exactly the images epoch 1 did not
     assert all(torch.equal(resumed['model'][k], reference['model'][k]) for k in reference['model'])
 
 

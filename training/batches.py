@@ -54,17 +54,20 @@ def as_model_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 class Augmentation:
-    """Random crop (``padding`` > 0) and mirror (``flip``) of every training image, new each epoch."""
+    """Random crop (``padding`` > 0) and mirror (``flip``; ``alternate``: each image in every other epoch) of
+    every training image, new each epoch."""
 
-    def __init__(self, padding: int, flip: bool, seed: int):
-        self.padding, self.flip, self.seed = padding, flip, seed
+    def __init__(self, padding: int, flip: bool, seed: int, alternate: bool = False):
+        self.padding, self.flip, self.seed, self.alternate = padding, flip, seed, alternate
 
     @classmethod
     def from_args(cls, args):
-        return cls(args.crop_padding, args.flip, args.seed) if args.crop_padding or args.flip else None
+        return cls(args.crop_padding, args.flip, args.seed, args.alternate_flip) \
+            if args.crop_padding or args.flip else None
 
     def plan(self, n: int, epoch: int) -> torch.Tensor:
-        return augment_plan(n, self.seed, epoch, self.padding, self.flip)
+        order = epoch_order(n, self.seed, epoch) if self.alternate else None  # (the images, position by position)
+        return augment_plan(n, self.seed, epoch, self.padding, self.flip, alternate_at=order)
 
     def __call__(self, images_nhwc: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
         return augment(images_nhwc, plan, self.padding)

@@ -157,6 +157,9 @@ def recipe_flags(p: ArgumentParser) -> None:
     p.add_argument('--crop-padding', type=non_negative_int,
                    help=f'random crops of the images padded by this many pixels; 0: none {default("crop_padding")}')
     p.add_argument('--flip', action=switch, help=f'random horizontal mirroring {default("flip")}')
+    p.add_argument('--alternate-flip', action=switch,
+                   help='with --flip, each image mirrored in every other epoch (a random half in the first) '
+                        f'instead of at random every epoch {default("alternate_flip")}')
     p.add_argument('--tta', action=switch,
                    help=f'evaluate on several views of each image (--tta-views), averaged {default("tta")}')
     p.add_argument('--tta-views', type=int, choices=[2, 3, 6],

@@ -33,7 +33,7 @@ def describe_recipe(args) -> str:
              f'gradients clipped to norm {args.clip_grad}' if args.clip_grad else None,
              'normalised inputs' if args.normalize else None,
              f'random crops (padding {args.crop_padding})' if args.crop_padding else None,
-             'random mirroring' if args.flip else None,
+             ('mirroring every other epoch' if args.alternate_flip else 'random mirroring') if args.flip else None,
              f'tested on {describe_views(args.tta_views, args.tta_shift)} (TTA)' if args.tta else None]
     return ', '.join(p for p in parts if p)
 

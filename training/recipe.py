@@ -23,6 +23,10 @@ give. The model is never changed, so every checkpoint still loads into the tutor
     --normalize              off        on       per-channel mean 0 / std 1 inputs; the statistics go into
                                                  every checkpoint, and test.py applies them
     --flip                   off        on       a random mirror image, new every epoch, done on the device
+    --alternate-flip         off        on in    instead, each image mirrored in every other epoch (a random
+                                        5-14     half in the first): any two epochs in a row show every image
+                                        epochs   both ways; +0.4 points after 5 epochs, -0.4 after 3, where
+                                                 the runs have no crops (not measured from 15 epochs on)
     --crop-padding           0          3 (1     a random 32x32 crop of the image padded by 3 pixels: it
                                         from 5,  fights overfitting in long runs (4 pixels: too much
                                         0 under  with Muon); short runs underfit: 1 pixel is all 5
@@ -55,18 +59,26 @@ class ByLength:
         return value(args) if isinstance(value, ByLength) else value
 
     def __str__(self):
-        below = self.short if isinstance(self.short, ByLength) else f'{self.short} below'
-        return f'{self.long} from {self.epochs} epochs on, {below}'
+        def shown(value):
+            return ('on' if value else 'off') if isinstance(value, bool) else value
+        below = self.short if isinstance(self.short, ByLength) else f'{shown(self.short)} below'
+        return f'{shown(self.long)} from {self.epochs} epochs on, {below}'
+
+
+def in_5_to_14_epochs(value, otherwise):
+    """``value`` as the default of runs of 5 to 14 epochs, ``otherwise`` in shorter and longer ones."""
+    return ByLength(ByLength(otherwise, value, epochs=5), otherwise, epochs=15)
 
 
 RECIPES = {
     'tutorial': dict(batch_size=64, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, schedule='constant',
                      warmup=0.0, label_smoothing=0.0, clip_grad=0.0, normalize=False, crop_padding=0, flip=False,
-                     tta=False, tta_views=2, tta_shift=0, muon_lr=0.0, muon_decay=0.0),
+                     alternate_flip=False, tta=False, tta_views=2, tta_shift=0, muon_lr=0.0, muon_decay=0.0),
     'fast': dict(batch_size=128, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule='onecycle',
                  warmup=0.2, label_smoothing=0.1, clip_grad=2.0, normalize=True,
-                 crop_padding=ByLength(ByLength(0, 1, epochs=5), 3, epochs=15), flip=True, tta=True,
-                 tta_views=3, tta_shift=ByLength(0, 1, epochs=5), muon_lr=0.02, muon_decay=0.05),
+                 crop_padding=ByLength(ByLength(0, 1, epochs=5), 3, epochs=15), flip=True,
+                 alternate_flip=in_5_to_14_epochs(True, otherwise=False), tta=True, tta_views=3,
+                 tta_shift=ByLength(0, 1, epochs=5), muon_lr=0.02, muon_decay=0.05),
 }
 SETTINGS = tuple(RECIPES['tutorial'])
 STATS_SAMPLE = 10_000  # images the normalisation statistics are computed from
@@ -300,12 +312,18 @@ def stats_sample(n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:STATS_SAMPLE].sort().values
 
 
-def augment_plan(n: int, seed: int, epoch: int, padding: int, flip: bool) -> torch.Tensor:
+def augment_plan(n: int, seed: int, epoch: int, padding: int, flip: bool, alternate_at=None) -> torch.Tensor:
     """Per position in epoch ``epoch``'s order: (row shift, column shift, mirror), from (seed, epoch) only,
-    so a resumed epoch augments exactly as an uninterrupted one would."""
+    so a resumed epoch augments exactly as an uninterrupted one would. ``alternate_at``, the epoch's order
+    (which image sits at each position): each image is mirrored in every other epoch instead of at random,
+    a random half of them from the first, so that any two epochs in a row show every image both ways."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch + (1 << 40))  # apart from epoch_order's
     shifts = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
     mirror = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    if flip and alternate_at is not None:
+        first = torch.Generator().manual_seed(seed * 100_003 + (1 << 41))  # the same in every epoch
+        mirrored_first = torch.rand(n, generator=first) < 0.5  # per image
+        mirror = (mirrored_first ^ bool(epoch % 2))[alternate_at]
     return torch.cat([shifts, mirror[:, None].long()], 1)
 
 
