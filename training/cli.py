@@ -7,7 +7,7 @@ import sys
 from .distributed import is_main_process, leave_process_group, world_size
 from .errors import Interrupted, UnreadableImage, UserError
 from .platforms import prepare_console, release_stdout, script_arguments
-from .recipe import RECIPES
+from .recipe import RECIPES, shown
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -124,9 +124,7 @@ def training_parser(prog: str, description: str, epochs: int, device_flag: bool 
 def recipe_flags(p: ArgumentParser) -> None:
     """--recipe, and one flag per ingredient; each flag's default comes from the recipe (see recipe.py)."""
     def default(key):
-        def show(value):
-            return ('on' if value else 'off') if isinstance(value, bool) else value
-        return f'(tutorial: {show(RECIPES["tutorial"][key])}, fast: {show(RECIPES["fast"][key])})'
+        return f'(tutorial: {shown(RECIPES["tutorial"][key])}, fast: {shown(RECIPES["fast"][key])})'
 
     switch = argparse.BooleanOptionalAction
     p.add_argument('--recipe', choices=list(RECIPES), default='tutorial',

@@ -59,10 +59,13 @@ class ByLength:
         return value(args) if isinstance(value, ByLength) else value
 
     def __str__(self):
-        def shown(value):
-            return ('on' if value else 'off') if isinstance(value, bool) else value
         below = self.short if isinstance(self.short, ByLength) else f'{shown(self.short)} below'
         return f'{shown(self.long)} from {self.epochs} epochs on, {below}'
+
+
+def shown(value) -> str:
+    """A default as the help shows it: a switch as on/off."""
+    return ('on' if value else 'off') if isinstance(value, bool) else str(value)
 
 
 def in_5_to_14_epochs(value, otherwise):
@@ -319,11 +322,12 @@ def augment_plan(n: int, seed: int, epoch: int, padding: int, flip: bool, altern
     a random half of them from the first, so that any two epochs in a row show every image both ways."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch + (1 << 40))  # apart from epoch_order's
     shifts = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
-    mirror = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
     if flip and alternate_at is not None:
         first = torch.Generator().manual_seed(seed * 100_003 + (1 << 41))  # the same in every epoch
         mirrored_first = torch.rand(n, generator=first) < 0.5  # per image
         mirror = (mirrored_first ^ bool(epoch % 2))[alternate_at]
+    else:
+        mirror = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
     return torch.cat([shifts, mirror[:, None].long()], 1)
 
 
