@@ -228,6 +228,13 @@ def test_resume_reads_last_pth_once_and_takes_its_settings(tmp_path):
                                       epochs=10)
     assert (args.lr, args.seed) == (0.03, 4) and resumed['path'] == str(tmp_path / 'last.pth')
     assert resumed['model']['model.0.weight'].device.type == 'cpu'
+    # the run goes on to its own last epoch, not to the script's default; --epochs N: on to N
+    state['config']['epochs'] = 4
+    torch.save(state, tmp_path / 'last.pth')
+    assert training_settings(['--resume', '--checkpoint-dir', str(tmp_path)], 'train.py', '', epochs=10)[0].epochs == 4
+    longer = training_settings(['--resume', '--checkpoint-dir', str(tmp_path), '--epochs', '12'], 'train.py', '', 10)
+    assert longer[0].epochs == 12
+    assert settings().epochs == 10 and settings('--epochs', 3).epochs == 3  # without --resume: as before
 
 
 def test_restore_puts_weights_optimizer_and_random_state_back(tmp_path):

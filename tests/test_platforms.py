@@ -325,6 +325,7 @@ def test_a_printed_resume_command_works_when_pasted(cifar_dir, runs, tmp_path, i
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert same_weights(tmp_path / 'my runs' / 'model_1.pth', runs['train.py'][0] / 'model' / 'model_1.pth')
+    assert not (tmp_path / 'my runs' / 'model_2.pth').exists()  # the run's own 2 epochs, not train.py's 10
 
 
 def test_commands_are_quoted_for_the_learners_shell():

@@ -64,8 +64,9 @@ def positive_float(text: str) -> float:
 def training_parser(prog: str, description: str, epochs: int, device_flag: bool = False) -> ArgumentParser:
     """The flags of every training script; the defaults are the tutorial's."""
     p = ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--epochs', type=positive_int, default=epochs,
-                   help=f'passes over the training set (default: {epochs}, as in the tutorial)')
+    p.add_argument('--epochs', type=positive_int, default=None,  # None: not given (see settings.py)
+                   help=f'passes over the training set (default: {epochs}, as in the tutorial; with --resume, '
+                        f'those of the interrupted run)')
     recipe_flags(p)
     p.add_argument('--data-dir', default=None,
                    help='CIFAR-10 folder (downloaded there when missing), or a folder with train/<class>/ '
@@ -91,7 +92,7 @@ def training_parser(prog: str, description: str, epochs: int, device_flag: bool 
                    help='log the mean train loss every this many steps (default: 100)')
     p.add_argument('--resume', nargs='?', const='latest', metavar='PATH',
                    help='continue an interrupted run from --checkpoint-dir/last.pth, or from PATH, with its '
-                        'settings; --epochs is the total to reach')
+                        'settings, to its last epoch; --epochs N trains on to a total of N')
     p.add_argument('--dry-run', '--fake-data', action='store_true',
                    help='check the setup: at most 2 epochs of 4 steps on random FakeData; checkpoints and logs '
                         'go to a temporary folder unless --checkpoint-dir / --log-dir are given')

@@ -42,13 +42,15 @@ def training_settings(argv, script: str, description: str, epochs: int, device_f
     (a path: its file name names the run and goes into the resume hint)."""
     args = training_parser(Path(script).name, description, epochs, device_flag).parse_args(argv)
     args.script = Path(script).name
+    epochs_given = args.epochs is not None
+    args.epochs = args.epochs or epochs
     apply_recipe(args)
     resumed = None
     if args.resume:
         if args.dry_run:
             raise UserError('--dry-run checks the setup from scratch and cannot --resume; drop one of them')
         resumed = read_training_state(args.resume, Path(args.checkpoint_dir or project_path('model')))
-        take_resumed_settings(args, resumed)
+        take_resumed_settings(args, resumed, epochs_given)
     if args.nesterov and args.momentum == 0:
         raise UserError('--nesterov needs momentum: give --momentum (e.g. 0.9) or --no-nesterov')
     if args.dry_run:  # the real model/ and logs/ stay untouched unless asked otherwise
@@ -64,9 +66,12 @@ def training_settings(argv, script: str, description: str, epochs: int, device_f
     return Settings(vars(args)), resumed
 
 
-def take_resumed_settings(args, resumed: dict) -> None:
-    """--resume: the settings the weights were trained with replace those of the command line."""
+def take_resumed_settings(args, resumed: dict, epochs_given: bool) -> None:
+    """--resume: the settings the weights were trained with replace those of the command line; the run goes on
+    to its own last epoch, or with --epochs to that total (a learning rate schedule cannot be stretched)."""
     config, path = resumed['config'], resumed['path']
+    if not epochs_given:
+        args.epochs = config['epochs']
     before_recipes = {'recipe': 'tutorial', 'val_size': 0, 'deterministic': False,  # older checkpoints lack these
                       **RECIPES['tutorial'], 'tta_views': saved_views(config)}
     for key in RESUMED_SETTINGS:
