@@ -33,7 +33,7 @@ from training.errors import UserError
 from training.paths import project_path
 from training.explain import write_explanations
 from training.files import atomic_save
-from training.recipe import Normalize, describe_views, inference_net, saved_views
+from training.recipe import Normalize, Views, describe_views, inference_net
 from training.report import evaluation_report, evaluation_settings, format_report
 
 UNSURE = 0.5  # a top probability below this: say that the model is unsure
@@ -161,8 +161,8 @@ def main(argv=None):
     classes = class_names(checkpoint, model.model[-1].out_features)
     config = checkpoint.get('config', {})
     tta = args.tta if args.tta is not None else bool(config.get('tta'))
-    views, shift = (saved_views(config), config.get('tta_shift', 0)) if tta else (1, 0)  # as the run tested
-    net = inference_net(model, checkpoint.get('normalize'), tta, views, shift).to(device)  # normalising, model, views
+    views = Views.saved(config) if tta else None  # the views its run was tested on
+    net = inference_net(model, checkpoint.get('normalize'), views).to(device)  # normalising, model, views
     if args.eval:
         how = evaluation_settings(checkpoint, args.precision)
         report = evaluation_report(net, classes, load_data(args.data_dir), device, str(checkpoint_path), how)
@@ -176,13 +176,13 @@ def main(argv=None):
         explained = write_explanations(model.cpu(), normalize, pictures, images, predictions, args.explain)
     if args.json:
         print(json_text({'checkpoint': str(checkpoint_path), 'device': str(device), 'classes': classes,
-                         'normalize': checkpoint.get('normalize'), 'tta': tta, 'tta_views': views,
-                         'tta_shift': shift, 'predictions': predictions}))
+                         'normalize': checkpoint.get('normalize'), 'tta': tta,
+                         **(views or Views(1, 0, False))._asdict(), 'predictions': predictions}))
         return
     about = f', epoch {checkpoint["epoch"] + 1}, test accuracy {checkpoint["test_accuracy"]:.1%}' \
         if checkpoint.get('test_accuracy') is not None else ''
     extras = ''.join(['; normalised as in training' if checkpoint.get('normalize') else '',
-                      f'; with {describe_views(views, shift)} (TTA)' if tta else ''])
+                      f'; with {describe_views(views)} (TTA)' if tta else ''])
     whole = checkpoint.get('whole_model')
     kind = f'a whole {whole["class"]} model as the lessons save it, its weights read without running its code; ' \
         if whole else ''

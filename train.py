@@ -49,7 +49,7 @@ def main(argv=None):
     use_fast_paths(model, args, device)  # channels_last, cuDNN autotuning, --compile
     loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)  # no smoothing in the tutorial recipe
     test_loss_fn = nn.CrossEntropyLoss(reduction='sum')  # the test loss: summed, then per image
-    optimizer = make_optimizer(model, args)  # SGD, lr 0.01 in the tutorial recipe
+    optimizer = make_optimizer(model, args, train_batches)  # SGD, lr 0.01 in the tutorial recipe (fast: + Muon)
     lr_at = lr_schedule(args, total_steps=args.epochs * len(train_batches))  # --schedule; constant: --lr
     autocast = Autocast(args.precision, device)  # bf16 where the hardware computes it natively, fp16 on older GPUs
     scaler = autocast.grad_scaler()  # fp16 only: scales the loss so that small gradients survive; else a no-op
@@ -99,8 +99,7 @@ def main(argv=None):
                     with autocast():
                         outputs = model(images)
                         if args.tta:  # --tta: the mean over the image and its mirror image (--tta-views: moved copies)
-                            outputs = test_time_average(model, images, outputs, args.tta_views, args.tta_shift,
-                                                        test_batches.black)
+                            outputs = test_time_average(model, images, outputs, args, test_batches.black)
                         loss = test_loss_fn(outputs, targets)
                     tester.add(loss, outputs, targets)
             test = tester.result()  # mean loss per image, accuracy, confusion matrix

@@ -64,7 +64,7 @@ def main(argv=None):
     loss_fn = loss_fn.to(device)
     test_loss_fn = nn.CrossEntropyLoss(reduction='sum')  # the test loss: summed, then per image
     test_loss_fn = test_loss_fn.to(device)
-    optimizer = make_optimizer(model, args)  # SGD, lr 0.01 in the tutorial recipe
+    optimizer = make_optimizer(model, args, train_batches)  # SGD, lr 0.01 in the tutorial recipe (fast: + Muon)
     lr_at = lr_schedule(args, total_steps=args.epochs * len(train_batches))  # --schedule; constant: --lr
     autocast = Autocast(args.precision, device)  # bf16 where the hardware computes it natively, fp16 on older GPUs
     scaler = autocast.grad_scaler()  # fp16 only: scales the loss so that small gradients survive; else a no-op
@@ -118,8 +118,7 @@ def main(argv=None):
                     with autocast():
                         outputs = model(images)
                         if args.tta:  # --tta: the mean over the image and its mirror image (--tta-views: moved copies)
-                            outputs = test_time_average(model, images, outputs, args.tta_views, args.tta_shift,
-                                                        test_batches.black)
+                            outputs = test_time_average(model, images, outputs, args, test_batches.black)
                         loss = test_loss_fn(outputs, targets)
                     tester.add(loss, outputs, targets)
             test = tester.result()  # mean loss per image, accuracy, confusion matrix

@@ -107,12 +107,17 @@ def test_the_first_line_says_what_the_checkpoint_is_and_how_its_images_are_prepa
                             config={'tta': True}, epoch=4, test_accuracy=0.625), tmp_path / 'mirror.pth')
     torch.save(model_bundle(MyModel().state_dict(), CIFAR10_CLASSES, normalize=None,
                             config={'tta': True, 'tta_views': 3, 'tta_shift': 1}), tmp_path / 'fast.pth')
+    torch.save(model_bundle(MyModel().state_dict(), CIFAR10_CLASSES, normalize=None,
+                            config={'tta': True, 'tta_views': 3, 'tta_shift': 1, 'tta_diagonal': True}),
+               tmp_path / 'diagonal.pth')
     for name, expected in (('plain.pth', 'checkpoint: plain.pth (10 classes); device: cpu\n'),
                            ('mirror.pth', 'checkpoint: mirror.pth (10 classes, epoch 5, test accuracy 62.5%); '
                                           'device: cpu; normalised as in training; with the image and its mirror '
                                           'image (TTA)\n'),
                            ('fast.pth', 'checkpoint: fast.pth (10 classes); device: cpu; with the image and its mirror '
-                                        'image moved 1 px right and left (TTA)\n')):
+                                        'image moved 1 px right and left (TTA)\n'),
+                           ('diagonal.pth', 'checkpoint: diagonal.pth (10 classes); device: cpu; with the image and '
+                                            'its mirror image moved 1 px right and down, and left and up (TTA)\n')):
         result = run_main('test.py', ROOT / 'images' / 'cat.jpg', '--checkpoint', name, '--device', 'cpu',
                           cwd=tmp_path)
         assert result.stdout.startswith(expected), result.stdout

@@ -37,6 +37,14 @@ def noise(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 128, (n, 32, 32, 3), dtype=np.uint8) * 2
 
 
+def smooth(n: int, seed: int) -> np.ndarray:
+    """n random 32x32 RGB pictures of blurry blobs (6x6 noise enlarged): their 5x5 patches vary a lot along smooth
+    directions and little along sharp ones, as photographs' do."""
+    coarse = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (6, 6 * n, 3), dtype=np.uint8))
+    wide = np.asarray(coarse.resize((32 * n, 32), Image.BICUBIC))
+    return np.stack(np.split(wide, n, axis=1))
+
+
 def mirror_symmetric(images: np.ndarray) -> np.ndarray:
     """Each image's left half, mirrored onto its right half: images that a horizontal mirror leaves as they are."""
     return np.concatenate([images[:, :, :16], images[:, :, :16][:, :, ::-1]], axis=2)
@@ -67,6 +75,7 @@ def folders(tmp_path_factory):
         'mirrored test': write_folders(root / 'mirrored test', train, test[:, :, ::-1].copy()),
         'symmetric': write_folders(root / 'symmetric', mirror_symmetric(train), mirror_symmetric(test)),
         'black': write_folders(root / 'black', np.zeros_like(train), np.zeros_like(test)),
+        'smooth': write_folders(root / 'smooth', smooth(sum(COUNTS), 3), smooth(6, 4)),
     }
 
 
@@ -176,6 +185,40 @@ def test_muon_orthogonalises_the_steps_of_the_kernels_and_first_linear_layer_and
             assert torch.allclose(decayed[name] - muon[name], -0.01 * 0.5 * start, atol=1e-6), name
         else:
             assert torch.allclose(muon[name], plain[name], atol=1e-7) and torch.equal(decayed[name], muon[name]), name
+
+
+@pytest.mark.parametrize('script', TWO_SCRIPTS)
+def test_whitening_takes_the_first_kernels_step_in_whitened_patch_space(script, train, folders):
+    """On smooth pictures, --muon-lr 0.01 --whiten-conv1 0.5: the first kernel's step is 0.01 * orth(g P) P, g the
+    plain run's gradient and P the matrix last.pth keeps for it (so a resumed run steps with it), a matrix that
+    whitens the pictures' patches: P C P is near 1 along their directions of large variance. Every other weight
+    steps as with Muon alone."""
+    w0, plain = initial_weights(), weights(train(script, 'smooth'))
+    muon = weights(train(script, 'smooth', '--muon-lr', 0.01))
+    work = train(script, 'smooth', '--muon-lr', 0.01, '--whiten-conv1', 0.5)
+    whitened = weights(work)
+    kept = [s['whitening'] for s in load_weights(work / 'model' / 'last.pth')['optimizer']['state'].values()
+            if 'whitening' in s]
+    assert len(kept) == 1
+    matrix = kept[0].double()
+    pictures = torch.stack([torch.from_numpy(np.array(Image.open(f))) for f in
+                            sorted((folders['smooth'] / 'train').glob('*/*.png'))]).permute(0, 3, 1, 2) / 255
+    patches = torch.nn.functional.unfold(pictures.double(), 5, padding=2).transpose(1, 2).reshape(-1, 75)
+    covariance = torch.cov(patches.T)
+    variances = torch.linalg.eigvalsh(covariance)
+    assert variances[-1] / variances[-20] > 100  # (the case: directions of very different variance)
+    assert torch.allclose(torch.linalg.eigvalsh(matrix @ covariance @ matrix)[-10:], torch.ones(10, dtype=float),
+                          atol=0.1)
+    gradient = ((w0['model.0.weight'] - plain['model.0.weight']) / LR).reshape(32, -1).double() @ matrix
+    moved = ((w0['model.0.weight'] - whitened['model.0.weight']) / 0.01).reshape(32, -1).double()
+    step = moved @ torch.linalg.inv(matrix)  # orth(g P), if the step is orth(g P) P
+    u, s, vh = torch.linalg.svd(gradient, full_matrices=False)
+    rank = int((s > s[0] / 100).sum())
+    values = torch.linalg.svdvals(step)
+    assert values[:rank].min() > 0.65 and values[:rank].max() < 1.25 and (values[rank:] < 0.1).all()
+    assert torch.cosine_similarity((u[:, :rank] @ vh[:rank]).flatten(), step.flatten(), dim=0) > 0.97
+    assert not torch.allclose(whitened['model.0.weight'], muon['model.0.weight'], atol=1e-4)
+    assert all(torch.allclose(whitened[k], muon[k], atol=1e-7) for k in w0 if k != 'model.0.weight')
 
 
 @pytest.mark.parametrize('script', TWO_SCRIPTS)
@@ -436,25 +479,29 @@ def test_the_mirror_average_of_a_mirror_symmetric_image_is_its_own_score():
 
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_each_view_set_gives_its_own_test_loss_and_test_py_scores_with_the_checkpoints_views(script, train, tmp_path):
-    """The same training, tested on 2, 3 and 6 views (--tta-views, moved by --tta-shift 1): three test losses.
-    test.py --eval of each run's checkpoint (normalised, so a black border is not 0) gives that run's own test
-    loss: it takes the views the checkpoint was tested on; a checkpoint from before --tta-views (its config
-    without it) on 6 views if it names a --tta-shift, as its run tested."""
-    runs = {views: train(script, 'noise', '--tta', '--normalize', '--tta-views', views, '--tta-shift', 1)
-            for views in (2, 3, 6)}
-    assert identical(weights(runs[2]), weights(runs[3])) and identical(weights(runs[2]), weights(runs[6]))
-    losses = {views: logged(work, 'test_loss')[0] for views, work in runs.items()}
-    assert len(set(losses.values())) == 3
-    for views, work in runs.items():
+    """The same training, tested on 2, 3 and 6 views (--tta-views, moved by --tta-shift 1), and on 3 moved
+    diagonally (--tta-diagonal): four test losses. test.py --eval of each run's checkpoint (normalised, so a black
+    border is not 0) gives that run's own test loss: it takes the views the checkpoint was tested on; a
+    checkpoint from before --tta-views (its config without it) on 6 views if it names a --tta-shift, as its run
+    tested, and one from before --tta-diagonal moved right and left."""
+    views = {2: (2,), 3: (3,), 6: (6,), 'diagonal': (3, '--tta-diagonal')}
+    runs = {name: train(script, 'noise', '--tta', '--normalize', '--tta-shift', 1, '--tta-views', *flags)
+            for name, flags in views.items()}
+    assert all(identical(weights(runs[2]), weights(work)) for work in runs.values())
+    losses = {name: logged(work, 'test_loss')[0] for name, work in runs.items()}
+    assert len(set(losses.values())) == 4
+    for name, work in runs.items():
         checkpoint = work / 'model' / 'best.pth'
-        assert load_weights(checkpoint)['config']['tta_views'] == views
+        config = load_weights(checkpoint)['config']
+        assert (config['tta_views'], config['tta_diagonal']) == (views[name][0], name == 'diagonal')
         assert evaluation(checkpoint, train.folders['noise'], cwd=tmp_path)['loss'] == \
-            pytest.approx(losses[views], rel=1e-5)
-    older = load_weights(runs[6] / 'model' / 'best.pth')
-    del older['config']['tta_views']
-    torch.save(older, tmp_path / 'older.pth')
-    assert evaluation(tmp_path / 'older.pth', train.folders['noise'], cwd=tmp_path)['loss'] == \
-        pytest.approx(losses[6], rel=1e-5)
+            pytest.approx(losses[name], rel=1e-5)
+    for run, key in ((6, 'tta_views'), (3, 'tta_diagonal')):
+        older = load_weights(runs[run] / 'model' / 'best.pth')
+        del older['config'][key]
+        torch.save(older, tmp_path / 'older.pth')
+        assert evaluation(tmp_path / 'older.pth', train.folders['noise'], cwd=tmp_path)['loss'] == \
+            pytest.approx(losses[run], rel=1e-5)
 
 
 def test_each_epoch_of_the_history_holds_that_epochs_figures(folders, tmp_path):

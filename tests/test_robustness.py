@@ -277,6 +277,9 @@ def test_a_closed_output_pipe_stops_training_quietly(tmp_path, script):
     (['--lr', 'nan'], ['--lr']),
     (['--num-workers', '-1'], ['--num-workers']),
     (['--precision', 'fp8'], ['--precision']),
+    (['--whiten-conv1', '0.3'], ['--whiten-conv1', "Muon's steps", '--muon-lr']),  # the tutorial's SGD
+    (['--recipe', 'fast', '--muon-lr', '0', '--whiten-conv1', '0.35'], ['--whiten-conv1', '--muon-lr']),
+    (['--whiten-conv1', '-1'], ['--whiten-conv1']),
 ])
 def test_bad_flags(argv, fragments, tmp_path):
     fails_cleanly('train.py', argv, tmp_path, *fragments)

@@ -143,6 +143,10 @@ def recipe_flags(p: ArgumentParser) -> None:
                         f'instead of by SGD; 0: SGD for every weight {default("muon_lr")}')
     p.add_argument('--muon-decay', type=non_negative_float, metavar='WD',
                    help=f'with --muon-lr, their weights shrink by lr * WD each step {default("muon_decay")}')
+    p.add_argument('--whiten-conv1', type=non_negative_float, metavar='POWER',
+                   help='with --muon-lr, the first convolution steps as if its 5x5 input patches were whitened: its '
+                        'steps preconditioned by C^-POWER, C their covariance over 500 training images; 0: off, '
+                        f'0.5: fully whitened {default("whiten_conv1")}')
     p.add_argument('--schedule', choices=['constant', 'onecycle', 'cosine'],
                    help='learning rate over the run: constant; onecycle (linear warm-up to --lr, then linear to 0); '
                         f'cosine (warm-up, then a cosine to 0) {default("schedule")}')
@@ -167,6 +171,9 @@ def recipe_flags(p: ArgumentParser) -> None:
                         f'each also moved right and left {default("tta_views")}')
     p.add_argument('--tta-shift', type=non_negative_int, metavar='PIXELS',
                    help=f'how far --tta-views 3 and 6 move the copies; 0: not at all (2 views) {default("tta_shift")}')
+    p.add_argument('--tta-diagonal', action=switch,
+                   help='with --tta-views 3 and 6, move the copies diagonally, right and down and left and up, '
+                        f'instead of right and left {default("tta_diagonal")}')
 
 
 def lost_contact(e: BaseException) -> bool:

@@ -24,9 +24,10 @@ def describe_run(args, data, train_batches, autocast, progress, run_dir) -> str:
 
 def describe_recipe(args) -> str:
     sgd = f'SGD momentum {args.momentum}{" (Nesterov)" if args.nesterov else ""}' if args.momentum else 'plain SGD'
+    whitened = f", the first kernel's steps whitened to the power {args.whiten_conv1}" if args.whiten_conv1 else ''
     parts = [sgd,
              f'weight decay {args.weight_decay}' if args.weight_decay else None,
-             f'Muon for the kernels and first linear layer (lr {args.muon_lr}, decay {args.muon_decay})'
+             f'Muon for the kernels and first linear layer (lr {args.muon_lr}, decay {args.muon_decay}{whitened})'
              if args.muon_lr else None,
              f'{args.schedule} schedule' + (f' ({args.warmup:.0%} warm-up)' if args.warmup else ''),
              f'label smoothing {args.label_smoothing}' if args.label_smoothing else None,
@@ -34,7 +35,7 @@ def describe_recipe(args) -> str:
              'normalised inputs' if args.normalize else None,
              f'random crops (padding {args.crop_padding})' if args.crop_padding else None,
              ('mirroring every other epoch' if args.alternate_flip else 'random mirroring') if args.flip else None,
-             f'tested on {describe_views(args.tta_views, args.tta_shift)} (TTA)' if args.tta else None]
+             f'tested on {describe_views(args)} (TTA)' if args.tta else None]
     return ', '.join(p for p in parts if p)
 
 

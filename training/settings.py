@@ -53,6 +53,8 @@ def training_settings(argv, script: str, description: str, epochs: int, device_f
         take_resumed_settings(args, resumed, epochs_given)
     if args.nesterov and args.momentum == 0:
         raise UserError('--nesterov needs momentum: give --momentum (e.g. 0.9) or --no-nesterov')
+    if args.whiten_conv1 and not args.muon_lr:
+        raise UserError('--whiten-conv1 shapes Muon\'s steps: give --muon-lr too (e.g. 0.02) or --whiten-conv1 0')
     if args.dry_run:  # the real model/ and logs/ stay untouched unless asked otherwise
         scratch = tempfile.mkdtemp(prefix='dry-run-')
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
