@@ -113,7 +113,7 @@ RECIPES = {
 SETTINGS = tuple(RECIPES['tutorial'])
 STATS_SAMPLE = 10_000  # images the normalisation statistics are computed from
 WHITENING_SAMPLE = 500  # images --whiten-conv1's patch statistics come from (every patch: half a million)
-WHITENING_FLOOR = 0.01  # the patches' smallest variances, JPEG's noise, count as 1 % of the mean: not boosted
+WHITENING_FLOOR = 0.01  # every variance raised by 1 % of their mean: directions that hardly vary stay damped
 
 
 def apply_recipe(args) -> None:
@@ -172,8 +172,8 @@ def patch_whitening(images: torch.Tensor, conv: nn.Conv2d, power: float) -> torc
     in the order of a kernel's entries (in_channels x k x k), C's eigenvalues raised by WHITENING_FLOOR of their
     mean first. Muon steps the kernel, as a matrix W, by orth(G P) P for a gradient G (orthogonal_steps): Muon's
     own step for V in W = V P, V seeing the patches multiplied by P. power 0.5 whitens them (every direction of
-    the patches varies alike), 0 leaves them. Why: the variance of CIFAR-10's 5x5 patches spans nearly six orders
-    of magnitude, from smooth colour ramps to the finest edges; Muon moves every direction of a kernel alike, but
+    the patches varies alike), 0 leaves them. Why: the variance of CIFAR-10's 5x5 patches spans orders of
+    magnitude (nearly six in a JPEG copy), from smooth colour ramps to the finest edges; Muon moves every direction of a kernel alike, but
     a direction changes the layer's output in proportion to how much the patches vary along it, so the kernels
     learn the ramps fast and the edges barely. The model is unchanged: only its steps are."""
     square, total, count = 0.0, 0.0, 0
