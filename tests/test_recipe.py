@@ -357,6 +357,22 @@ def test_the_first_kernel_alone_steps_whitened_and_its_matrix_comes_from_the_tra
     assert not make_optimizer(MyModel(), Namespace(**{**MUON, 'whiten_conv1': 0}), batches).state  # off: no state
 
 
+def test_every_process_of_a_distributed_run_whitens_with_the_same_matrix():
+    """train_ddp.py: each process builds its own optimizer, so each computes P; P comes from the whole training set
+    (not the process's share of each batch) on the CPU, so rank 0 and rank 1 get the same matrix bit for bit --
+    else their weights would drift apart step by step."""
+    from training.batches import TensorBatches
+    from training.recipe import first_layer_whitening
+    pictures = (smooth_images(30, 4) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    matrices = []
+    for rank in (0, 1):
+        batches = TensorBatches(pictures, torch.zeros(30, dtype=torch.long), 10, CPU_DEVICE)
+        batches.share_with(Namespace(rank=rank, world_size=2))
+        assert batches.mine(0) == ((0, 5) if rank == 0 else (5, 10))  # (the case: each process its own half)
+        matrices.append(first_layer_whitening(batches, MyModel().model[0], 0.35))
+    assert torch.equal(matrices[0], matrices[1])
+
+
 def test_normalisation_statistics_and_module():
     images = torch.rand(200, 3, 8, 8) * torch.tensor([0.5, 1.0, 0.2]).view(1, 3, 1, 1)
     stats = channel_stats(images)
